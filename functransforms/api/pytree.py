@@ -1,0 +1,47 @@
+"""Pytree helpers shared by the public transforms."""
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, _broadcast_to_and_flatten
+
+from ..core.wrapper import LevelTensor
+
+__all__ = ["tree_flatten", "tree_map", "tree_unflatten", "broadcast_to_and_flatten",
+           "unwrap_tree", "normalize_argnums", "select_args"]
+
+
+def broadcast_to_and_flatten(prefix, spec):
+    return _broadcast_to_and_flatten(prefix, spec)
+
+
+def unwrap_tree(tree, level):
+    """Replace each of ``level``'s wrappers in ``tree`` by its value one level down."""
+    def unwrap(x):
+        if isinstance(x, LevelTensor) and x._level is level:
+            return x._value
+        return x
+    return tree_map(unwrap, tree)
+
+
+def normalize_argnums(argnums, num_args, api):
+    if isinstance(argnums, int):
+        argnums_tuple = (argnums,)
+    elif isinstance(argnums, tuple) and argnums and all(isinstance(a, int) for a in argnums):
+        argnums_tuple = argnums
+    else:
+        raise RuntimeError(
+            f"{api}: argnums must be an int or a non-empty tuple of ints, got {argnums!r}."
+        )
+    normalized = []
+    for a in argnums_tuple:
+        if not -num_args <= a < num_args:
+            raise RuntimeError(
+                f"{api}: got argnums={argnums!r}, but the function was called with {num_args} "
+                f"positional argument(s). Each argnum must satisfy {-num_args} <= argnum < {num_args}."
+            )
+        normalized.append(a % num_args)
+    if len(set(normalized)) != len(normalized):
+        raise RuntimeError(f"{api}: argnums={argnums!r} names the same argument twice.")
+    return normalized
+
+
+def select_args(args, argnums):
+    return tuple(args[i] for i in argnums)

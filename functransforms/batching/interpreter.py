@@ -1,0 +1,252 @@
+"""vmap as a level: BatchedTensor and the batching interpreter.
+
+A BatchedTensor's value always carries the batch dimension in front. Moving a batch dim is
+a view in PyTorch, so normalising it at the edges costs nothing, and every rule can rely
+on it. User code sees the logical (per-example) shape.
+
+How an op is served, fastest first (the choice is cached per op):
+  1. a batching rule from ``BATCH_RULES`` (batching/rules/*.py, one module per op family);
+  2. for an in-place op, the rule of its out-of-place twin followed by ``copy_``;
+  3. a decomposition (``torch._decomp`` or the op's CompositeImplicit kernel), whose pieces
+     come back through dispatch and meet their own rules;
+  4. the per-example loop (batching/fallback.py), counted and warned about.
+"""
+import torch
+from torch._decomp import decomposition_table
+
+from ..core.levels import Interpreter, lowering
+from ..core.wrapper import LevelTensor, mutated_arg_positions
+from .fallback import note_fallback, op_name
+from .registry import BATCH_RULES
+
+aten = torch.ops.aten
+
+
+class BatchedTensor(LevelTensor):
+    @staticmethod
+    def __new__(cls, value, level):
+        return LevelTensor._make(cls, value, level, value.shape[1:], value.stride()[1:])
+
+    def __repr__(self, *, tensor_contents=None):
+        return f"BatchedTensor(level={self._level.depth}, bdim=0, value={self._value!r})"
+
+
+_NO_KWARGS = {}
+
+
+class VmapInterpreter(Interpreter):
+    kind = "vmap"
+
+    def __init__(self, batch_size, randomness="error"):
+        super().__init__()
+        self.batch_size = batch_size
+        self.randomness = randomness
+
+    def lift(self, value):
+        return BatchedTensor(value, self)
+
+    def process(self, func, args, kwargs):
+        handler = _HANDLERS.get(func)
+        if handler is None:
+            handler = _choose_handler(func)
+        return handler(self, func, args, kwargs)
+
+    # -- the three ways of serving an op -------------------------------------------------
+
+    def apply_rule(self, rule, func, args, kwargs):
+        values, bdims = self.unwrap_args(args)
+        if kwargs:
+            kwargs = {k: self._unwrap_kwarg(k, v) for k, v in kwargs.items()}
+        with lowering(None):
+            out, out_bdims = rule(self, func, values, bdims, kwargs)
+        mutated = mutated_arg_positions(func)
+        if mutated:
+            if len(mutated) == 1 and isinstance(out, torch.Tensor):
+                return args[mutated[0]]
+            return tuple(args[i] for i in mutated)
+        return self.wrap_out(out, out_bdims)
+
+    def unwrap_args(self, args):
+        values = []
+        bdims = []
+        for a in args:
+            if isinstance(a, LevelTensor) and a._level is self:
+                values.append(a._value)
+                bdims.append(0)
+            elif type(a) in (list, tuple) and a and any(isinstance(b, LevelTensor) for b in a):
+                vs, ds = [], []
+                for b in a:
+                    if isinstance(b, LevelTensor) and b._level is self:
+                        vs.append(b._value)
+                        ds.append(0)
+                    else:
+                        vs.append(b)
+                        ds.append(None)
+                values.append(type(a)(vs))
+                bdims.append(ds)
+            else:
+                values.append(a)
+                bdims.append(None)
+        return values, bdims
+
+    def _unwrap_kwarg(self, name, v):
+        if isinstance(v, LevelTensor) and v._level is self:
+            raise _NeedsFallback()
+        return v
+
+    def wrap_out(self, out, out_bdims):
+        if isinstance(out, torch.Tensor):
+            if isinstance(out_bdims, (list, tuple)):
+                (out_bdims,) = out_bdims
+            return BatchedTensor(out, self) if out_bdims is not None else out
+        if type(out) in (tuple, list):
+            if not isinstance(out_bdims, (list, tuple)):
+                out_bdims = (out_bdims,) * len(out)
+            return type(out)(
+                BatchedTensor(o, self) if (d is not None and isinstance(o, torch.Tensor)) else o
+                for o, d in zip(out, out_bdims)
+            )
+        return out
+
+    def select_example(self, x, i):
+        if isinstance(x, LevelTensor) and x._level is self:
+            return x._value[i]
+        if type(x) in (list, tuple):
+            return type(x)(self.select_example(b, i) for b in x)
+        return x
+
+    def run_per_example(self, func, args, kwargs):
+        note_fallback(func)
+        check_random(self, func)
+        mutated = mutated_arg_positions(func)
+        for i in mutated:
+            if not (isinstance(args[i], LevelTensor) and args[i]._level is self):
+                raise RuntimeError(inplace_into_unbatched_message(func))
+        results = []
+        with lowering(None):
+            for i in range(self.batch_size):
+                a = [self.select_example(x, i) for x in args]
+                k = {n: self.select_example(v, i) for n, v in kwargs.items()} if kwargs else _NO_KWARGS
+                results.append(func(*a, **k))
+        if mutated:
+            return args[mutated[0]] if len(mutated) == 1 else tuple(args[i] for i in mutated)
+        return self._stack_results(func, results)
+
+    def _stack_results(self, func, results):
+        first = results[0]
+        if isinstance(first, torch.Tensor):
+            with lowering(None):
+                return BatchedTensor(torch.stack(results), self)
+        if type(first) in (tuple, list):
+            columns = list(zip(*results))
+            return type(first)(self._stack_results(func, list(col)) for col in columns)
+        if all(r == first for r in results):
+            return first
+        raise RuntimeError(
+            f"vmap: aten::{op_name(func)} returned a Python value that differs between examples "
+            f"({results[:3]}...). vmap can only batch tensor results."
+        )
+
+
+class _NeedsFallback(Exception):
+    pass
+
+
+def _rule_handler(rule):
+    def handle(interp, func, args, kwargs):
+        try:
+            return interp.apply_rule(rule, func, args, kwargs)
+        except _NeedsFallback:
+            return interp.run_per_example(func, args, kwargs)
+
+    return handle
+
+
+def _inplace_via_functional(functional):
+    def handle(interp, func, args, kwargs):
+        self_arg = args[0]
+        if not (isinstance(self_arg, LevelTensor) and self_arg._level is interp):
+            raise RuntimeError(inplace_into_unbatched_message(func))
+        result = functional(*args, **kwargs)
+        # copy_ is batched like any op; it writes through to the value of ``self_arg``.
+        aten.copy_.default(self_arg, result)
+        return self_arg
+
+    return handle
+
+
+def _decomposition_handler(decomp):
+    def handle(interp, func, args, kwargs):
+        return decomp(*args, **kwargs)
+
+    return handle
+
+
+def _loop_handler(interp, func, args, kwargs):
+    return interp.run_per_example(func, args, kwargs)
+
+
+_HANDLERS = {}
+
+
+def _functional_twin(func):
+    name = func._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    if packet is None:
+        return None
+    twin = getattr(packet, func._overloadname, None)
+    if twin is None or len(twin._schema.arguments) != len(func._schema.arguments):
+        return None
+    return twin
+
+
+def _choose_handler(func):
+    rule = BATCH_RULES.get(func)
+    if rule is not None:
+        handler = _rule_handler(rule)
+    elif mutated_arg_positions(func) and func._schema.name.endswith("_"):
+        twin = _functional_twin(func)
+        if twin is not None and (twin in BATCH_RULES or _decomposition(twin) is not None):
+            handler = _inplace_via_functional(twin)
+        else:
+            handler = _loop_handler
+    else:
+        decomp = _decomposition(func)
+        handler = _decomposition_handler(decomp) if decomp is not None else _loop_handler
+    _HANDLERS[func] = handler
+    return handler
+
+
+def _decomposition(func):
+    if torch.Tag.nondeterministic_seeded in func.tags:
+        return None
+    decomp = decomposition_table.get(func)
+    if decomp is not None:
+        return decomp
+    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+        return func.decompose
+    return None
+
+
+def refresh_handlers():
+    """Forget cached choices (after rules are registered late, e.g. by tests)."""
+    _HANDLERS.clear()
+
+
+def check_random(interp, func):
+    if torch.Tag.nondeterministic_seeded in func.tags and interp.randomness == "error":
+        raise RuntimeError(
+            f"vmap: called random operation aten::{op_name(func)} under vmap with "
+            f"randomness='error'. Pass randomness='different' for independent draws per "
+            f"example or randomness='same' for one draw shared by every example."
+        )
+
+
+def inplace_into_unbatched_message(func):
+    return (
+        f"vmap: aten::{op_name(func)} is an in-place operation that would write batched values "
+        f"into a tensor that is not batched. Use the out-of-place version (for example "
+        f"`y = x + z` instead of `x += z`), or make the written tensor batched too."
+    )

@@ -1,0 +1,116 @@
+"""The wrapper tensor base class and the single ``__torch_dispatch__`` entry point.
+
+NOTE [How one op travels]
+Take ``vmap(grad(f))(x)`` and an op ``sin`` inside ``f``. The argument is a GradTensor
+(level 2) whose value is a BatchedTensor (level 1) whose value is a plain tensor.
+  1. Torch autograd records ``sin`` on the GradTensor itself: this *is* level 2's
+     reverse-mode tape (see reverse/interpreter.py).
+  2. ``LevelTensor.__torch_dispatch__`` finds the innermost level among the arguments
+     (level 2) and hands the op to its interpreter.
+  3. The grad interpreter unwraps level-2 wrappers and calls ``sin`` on the
+     BatchedTensor under ``lowering`` (autograd keys back on, grad mode restored).
+  4. That call dispatches again: now the innermost level is 1, the vmap interpreter
+     looks up the batching rule for ``aten.sin`` and runs it on the plain value.
+  5. Results are re-wrapped on the way back up: plain -> BatchedTensor -> GradTensor.
+Tensors of lower levels (or plain tensors) met at a higher level are *lifted*: the higher
+level treats them as constants and passes them down untouched. That is what keeps two
+levels from confusing each other's perturbations.
+"""
+import torch
+from torch.utils._pytree import tree_map
+
+from .levels import lowering
+
+
+class LevelTensor(torch.Tensor):
+    """A tensor owned by one transform level; ``_value`` is the tensor one level down."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def _make(cls, value, level, shape, strides, requires_grad=False):
+        self = torch.Tensor._make_wrapper_subclass(
+            cls,
+            shape,
+            strides=strides,
+            dtype=value.dtype,
+            device=value.device,
+            layout=value.layout,
+            requires_grad=requires_grad,
+        )
+        self._value = value
+        self._level = level
+        return self
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        level = innermost_level(args, kwargs)
+        if not level.alive:
+            return _run_without_dead_wrappers(func, args, kwargs)
+        return level.process(func, args, kwargs if kwargs is not None else {})
+
+    def __repr__(self, *, tensor_contents=None):
+        return f"{type(self).__name__}(level={self._level!r}, value={self._value!r})"
+
+
+def innermost_level(args, kwargs):
+    best = None
+    depth = -2
+    for a in args:
+        if isinstance(a, LevelTensor):
+            lvl = a._level
+            if lvl.depth > depth or not lvl.alive:
+                best, depth = lvl, (lvl.depth if lvl.alive else 1 << 30)
+        elif type(a) in (list, tuple):
+            for b in a:
+                if isinstance(b, LevelTensor):
+                    lvl = b._level
+                    if lvl.depth > depth or not lvl.alive:
+                        best, depth = lvl, (lvl.depth if lvl.alive else 1 << 30)
+    if kwargs:
+        for a in kwargs.values():
+            if isinstance(a, LevelTensor):
+                lvl = a._level
+                if lvl.depth > depth or not lvl.alive:
+                    best, depth = lvl, (lvl.depth if lvl.alive else 1 << 30)
+    return best
+
+
+def _strip_dead(x):
+    while isinstance(x, LevelTensor) and not x._level.alive:
+        x = x._value
+    return x
+
+
+def _run_without_dead_wrappers(func, args, kwargs):
+    # A wrapper outlived its transform (kept in a graph or a global). It stands for its
+    # value from now on.
+    args = tree_map(_strip_dead, args)
+    kwargs = tree_map(_strip_dead, kwargs or {})
+    with lowering(None):
+        return func(*args, **kwargs)
+
+
+def wrap_output(out, wrap):
+    """Apply ``wrap`` to every tensor of an op's return value (tensor, tuple or list)."""
+    if isinstance(out, torch.Tensor):
+        return wrap(out)
+    if type(out) in (tuple, list):
+        return type(out)(wrap(o) if isinstance(o, torch.Tensor) else o for o in out)
+    return out
+
+
+_mutation_cache = {}
+
+
+def mutated_arg_positions(func):
+    """Positions of the positional args an op writes to (in-place and out= ops)."""
+    positions = _mutation_cache.get(func)
+    if positions is None:
+        positions = tuple(
+            i
+            for i, arg in enumerate(func._schema.arguments)
+            if arg.alias_info is not None and arg.alias_info.is_write and not arg.kwarg_only
+        )
+        _mutation_cache[func] = positions
+    return positions
