@@ -11,12 +11,15 @@ How an op is served, fastest first (the choice is cached per op):
      come back through dispatch and meet their own rules;
   4. the per-example loop (batching/fallback.py), counted and warned about.
 """
+import threading
+
 import torch
 from torch._decomp import decomposition_table
 
 from ..core.levels import Interpreter, lowering
 from ..core.wrapper import LevelTensor, mutated_arg_positions
 from .fallback import note_fallback, op_name
+from .random_mode import RandomnessMode
 from .registry import BATCH_RULES
 
 aten = torch.ops.aten
@@ -25,13 +28,31 @@ aten = torch.ops.aten
 class BatchedTensor(LevelTensor):
     @staticmethod
     def __new__(cls, value, level):
-        return LevelTensor._make(cls, value, level, value.shape[1:], value.stride()[1:])
+        if value.is_contiguous():
+            self = torch.Tensor._make_wrapper_subclass(
+                cls, value.shape[1:], dtype=value.dtype, device=value.device
+            )
+        else:
+            self = torch.Tensor._make_wrapper_subclass(
+                cls, value.shape[1:], value.stride()[1:], dtype=value.dtype, device=value.device
+            )
+        self._value = value
+        self._level = level
+        return self
 
     def __repr__(self, *, tensor_contents=None):
         return f"BatchedTensor(level={self._level.depth}, bdim=0, value={self._value!r})"
 
 
 _NO_KWARGS = {}
+_thread = threading.local()
+
+
+def _local_modes():
+    modes = getattr(_thread, "modes", None)
+    if modes is None:
+        modes = _thread.modes = []
+    return modes
 
 
 class VmapInterpreter(Interpreter):
@@ -45,6 +66,25 @@ class VmapInterpreter(Interpreter):
     def lift(self, value):
         return BatchedTensor(value, self)
 
+    def __enter__(self):
+        super().__enter__()
+        # See NOTE [Randomness] in random_mode.py; one mode serves all nested vmap levels.
+        self._mode = None
+        if self.randomness != "same" and not _local_modes():
+            self._mode = RandomnessMode()
+            self._mode.__enter__()
+            _local_modes().append(self._mode)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self._mode is not None:
+                _local_modes().pop()
+                self._mode.__exit__(*exc)
+        finally:
+            super().__exit__(*exc)
+        return False
+
     def process(self, func, args, kwargs):
         handler = _HANDLERS.get(func)
         if handler is None:
@@ -53,41 +93,41 @@ class VmapInterpreter(Interpreter):
 
     # -- the three ways of serving an op -------------------------------------------------
 
-    def apply_rule(self, rule, func, args, kwargs):
-        values, bdims = self.unwrap_args(args)
-        if kwargs:
-            kwargs = {k: self._unwrap_kwarg(k, v) for k, v in kwargs.items()}
-        with lowering(None):
-            out, out_bdims = rule(self, func, values, bdims, kwargs)
-        mutated = mutated_arg_positions(func)
-        if mutated:
-            if len(mutated) == 1 and isinstance(out, torch.Tensor):
-                return args[mutated[0]]
-            return tuple(args[i] for i in mutated)
-        return self.wrap_out(out, out_bdims)
-
     def unwrap_args(self, args):
+        """Split args into values one level down and their bdims (0 or None).
+
+        Also reports whether any value is tracked by autograd below: only then must the
+        rule run under ``lowering`` (see NOTE [Lowering]), which is the costliest part of
+        a cheap op.
+        """
         values = []
         bdims = []
+        tracked = False
         for a in args:
-            if isinstance(a, LevelTensor) and a._level is self:
-                values.append(a._value)
-                bdims.append(0)
+            if isinstance(a, torch.Tensor):
+                if isinstance(a, LevelTensor) and a._level is self:
+                    a = a._value
+                    bdims.append(0)
+                else:
+                    bdims.append(None)
+                tracked = tracked or a.requires_grad
+                values.append(a)
             elif type(a) in (list, tuple) and a and any(isinstance(b, LevelTensor) for b in a):
                 vs, ds = [], []
                 for b in a:
                     if isinstance(b, LevelTensor) and b._level is self:
-                        vs.append(b._value)
+                        b = b._value
                         ds.append(0)
                     else:
-                        vs.append(b)
                         ds.append(None)
+                    tracked = tracked or (isinstance(b, torch.Tensor) and b.requires_grad)
+                    vs.append(b)
                 values.append(type(a)(vs))
                 bdims.append(ds)
             else:
                 values.append(a)
                 bdims.append(None)
-        return values, bdims
+        return values, bdims, tracked and torch.is_grad_enabled()
 
     def _unwrap_kwarg(self, name, v):
         if isinstance(v, LevelTensor) and v._level is self:
@@ -152,12 +192,29 @@ class _NeedsFallback(Exception):
     pass
 
 
-def _rule_handler(rule):
+def _rule_handler(rule, mutated):
     def handle(interp, func, args, kwargs):
+        values, bdims, tracked = interp.unwrap_args(args)
         try:
-            return interp.apply_rule(rule, func, args, kwargs)
+            if kwargs:
+                kwargs = {k: interp._unwrap_kwarg(k, v) for k, v in kwargs.items()}
         except _NeedsFallback:
             return interp.run_per_example(func, args, kwargs)
+        if tracked or mutated:
+            # Mutations always go through lowering so version counters are bumped.
+            with lowering(None):
+                out, out_bdims = rule(interp, func, values, bdims, kwargs)
+        else:
+            out, out_bdims = rule(interp, func, values, bdims, kwargs)
+        if mutated:
+            if len(mutated) == 1 and isinstance(out, torch.Tensor):
+                return args[mutated[0]]
+            return tuple(args[i] for i in mutated)
+        if type(out) is torch.Tensor or isinstance(out, torch.Tensor):
+            if out_bdims is None or (type(out_bdims) in (list, tuple) and out_bdims[0] is None):
+                return out
+            return BatchedTensor(out, interp)
+        return interp.wrap_out(out, out_bdims)
 
     return handle
 
@@ -205,7 +262,7 @@ def _functional_twin(func):
 def _choose_handler(func):
     rule = BATCH_RULES.get(func)
     if rule is not None:
-        handler = _rule_handler(rule)
+        handler = _rule_handler(rule, mutated_arg_positions(func))
     elif mutated_arg_positions(func) and func._schema.name.endswith("_"):
         twin = _functional_twin(func)
         if twin is not None and (twin in BATCH_RULES or _decomposition(twin) is not None):

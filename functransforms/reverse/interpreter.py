@@ -15,8 +15,15 @@ Autograd detaches the outputs it saves for backward (``exp`` saves its result). 
 ``detach`` were lowered it would cut the graph of the level below, and second derivatives
 of ops that save outputs would come out wrong. A grad level answers ``detach``/``alias``
 itself by re-wrapping the very same value.
+A user's ``x.detach()`` is different: as in torch.func it stops the gradient at every level,
+so it is lowered like any other op. The two are told apart by where they come from: a user
+call passes torch's autograd kernel, which excludes the autograd keys before handing the op
+to ``__torch_dispatch__``; autograd's own detach (SavedVariable, ``.data``) is issued from
+C++ straight to the Python key, with those keys still active.
 """
 import torch
+from torch._C import DispatchKey
+from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
 from ..core.wrapper import LevelTensor, mutated_arg_positions, wrap_output
@@ -29,7 +36,19 @@ _REWRAP_OPS = frozenset({aten.detach.default, aten.alias.default})
 class GradTensor(LevelTensor):
     @staticmethod
     def __new__(cls, value, level, requires_grad=False):
-        return LevelTensor._make(cls, value, level, value.shape, value.stride(), requires_grad)
+        if value.is_contiguous():
+            self = torch.Tensor._make_wrapper_subclass(
+                cls, value.shape, dtype=value.dtype, device=value.device,
+                requires_grad=requires_grad,
+            )
+        else:
+            self = torch.Tensor._make_wrapper_subclass(
+                cls, value.shape, value.stride(), dtype=value.dtype, device=value.device,
+                requires_grad=requires_grad,
+            )
+        self._value = value
+        self._level = level
+        return self
 
     def __repr__(self, *, tensor_contents=None):
         return f"GradTensor(level={self._level.depth}, value={self._value!r})"
@@ -49,31 +68,63 @@ class GradInterpreter(Interpreter):
         return GradTensor(value, self, requires_grad)
 
     def process(self, func, args, kwargs):
-        if func in _REWRAP_OPS:
+        if func in _REWRAP_OPS and not torch._C._dispatch_tls_is_dispatch_key_excluded(
+            DispatchKey.AutogradFunctionality
+        ):
             return GradTensor(args[0]._value, self)
         mutated = mutated_arg_positions(func)
         if mutated:
             for i in mutated:
                 if not (isinstance(args[i], LevelTensor) and args[i]._level is self):
                     raise RuntimeError(_captured_mutation_message(func))
-        unwrapped_args = tuple(_unwrap(a, self) for a in args)
-        unwrapped_kwargs = {k: _unwrap(v, self) for k, v in kwargs.items()} if kwargs else kwargs
-        with lowering(self.prev_grad_mode):
-            out = func(*unwrapped_args, **unwrapped_kwargs)
+        # Only values tracked by a lower level need the op recorded below; skipping the
+        # lowering context otherwise is what keeps a single grad level cheap.
+        tracked = False
+        values = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if isinstance(a, LevelTensor) and a._level is self:
+                    a = a._value
+                tracked = tracked or a.requires_grad
+            elif type(a) in (list, tuple):
+                a = type(a)(_unwrap(b, self) for b in a)
+                tracked = tracked or any(isinstance(b, torch.Tensor) and b.requires_grad for b in a)
+            values.append(a)
+        if kwargs:
+            kwargs = {k: _unwrap(v, self) for k, v in kwargs.items()}
+            tracked = tracked or any(
+                isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values()
+            )
+        if tracked or mutated:
+            with lowering(self.prev_grad_mode):
+                out = func._op(*values, **kwargs)
+        else:
+            out = func._op(*values, **kwargs)
         if mutated:
             # In-place ops return their (already mutated) input: hand back the same wrapper
             # so autograd's version counter and history bookkeeping stay on one object.
+            for i in mutated:
+                _sync_metadata(args[i])
             if len(mutated) == 1 and isinstance(out, torch.Tensor):
                 return args[mutated[0]]
             return tuple(args[i] for i in mutated)
+        if isinstance(out, torch.Tensor):
+            return GradTensor(out, self)
         return wrap_output(out, lambda t: GradTensor(t, self))
 
 
+def _sync_metadata(wrapper):
+    # In-place view ops (squeeze_, t_, as_strided_, ...) changed the value's shape; the
+    # wrapper must follow or its size would lie to autograd (matmul ends with squeeze_).
+    value = wrapper._value
+    if wrapper.shape != value.shape or wrapper.stride() != value.stride():
+        with no_dispatch():
+            wrapper.as_strided_(value.shape, value.stride())
+
+
 def _unwrap(a, level):
-    if isinstance(a, LevelTensor):
-        return a._value if a._level is level else a
-    if type(a) in (list, tuple):
-        return type(a)(b._value if isinstance(b, LevelTensor) and b._level is level else b for b in a)
+    if isinstance(a, LevelTensor) and a._level is level:
+        return a._value
     return a
 
 

@@ -13,20 +13,26 @@ aten = torch.ops.aten
 
 def pointwise_rule(interp, func, args, bdims, kwargs):
     rank = 0
-    batched_scalar = False
+    lowest_batched_rank = None
+    tensors = 0
     for a, d in zip(args, bdims):
         if isinstance(a, torch.Tensor):
-            r = logical_rank(a, d)
+            tensors += 1
+            if d is None:
+                r = a.dim()
+            else:
+                r = a.dim() - 1
+                if lowest_batched_rank is None or r < lowest_batched_rank:
+                    lowest_batched_rank = r
             if r > rank:
                 rank = r
-            if d is not None and r == 0:
-                batched_scalar = True
-    if batched_scalar:
+    if lowest_batched_rank == rank and (rank > 0 or tensors == 1):
+        # Every batched value already has the full logical rank: plain broadcasting works.
+        return func._op(*args, **kwargs), 0
+    if lowest_batched_rank == 0:
         args = _keep_scalar_promotion(args, bdims)
-    padded = [
-        pad_to_rank(a, d, rank) if d is not None else a for a, d in zip(args, bdims)
-    ]
-    return func(*padded, **kwargs), 0
+    padded = [pad_to_rank(a, d, rank) if d is not None else a for a, d in zip(args, bdims)]
+    return func._op(*padded, **kwargs), 0
 
 
 def _keep_scalar_promotion(args, bdims):
