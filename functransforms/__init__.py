@@ -6,13 +6,43 @@ A drop-in companion to ``torch``: ``import functransforms as ft`` and use ``ft.v
 from . import batching as _batching  # noqa: F401  (registers batching rules)
 from .api.reverse import grad, grad_and_value, vjp
 from .api.vmap import vmap
+from .api.forward import jvp, linearize
+from . import forward as _forward  # noqa: F401  (registers JVP rules)
+from .forward.fallback import jvp_fallback_counts, reset_jvp_fallback_counts
+from .api.jacobians import hessian, jacfwd, jacrev
+from .nn import (
+    combine_state_for_ensemble,
+    functional_call,
+    make_functional,
+    make_functional_with_buffers,
+    replace_all_batch_norm_modules_,
+    stack_module_state,
+)
 from .batching.fallback import fallback_counts, reset_fallback_counts
+from . import autograd_function as _autograd_function  # noqa: F401  (hooks Function.apply)
+from .api.functionalize import functionalize
+from .api.debug import debug_unwrap
 
 __all__ = [
+    "functionalize",
+    "debug_unwrap",
     "grad",
     "grad_and_value",
     "vjp",
     "vmap",
+    "jacrev",
+    "jacfwd",
+    "hessian",
+    "functional_call",
+    "stack_module_state",
+    "make_functional",
+    "make_functional_with_buffers",
+    "combine_state_for_ensemble",
+    "replace_all_batch_norm_modules_",
     "fallback_counts",
     "reset_fallback_counts",
+    "jvp",
+    "linearize",
+    "jvp_fallback_counts",
+    "reset_jvp_fallback_counts",
 ]

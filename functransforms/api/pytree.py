@@ -5,7 +5,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, _broadca
 from ..core.wrapper import LevelTensor
 
 __all__ = ["tree_flatten", "tree_map", "tree_unflatten", "broadcast_to_and_flatten",
-           "unwrap_tree", "normalize_argnums", "select_args"]
+           "unwrap_tree", "normalize_argnums", "select_args", "structure_repr"]
 
 
 def broadcast_to_and_flatten(prefix, spec):
@@ -45,3 +45,13 @@ def normalize_argnums(argnums, num_args, api):
 
 def select_args(args, argnums):
     return tuple(args[i] for i in argnums)
+
+
+class _Leaf:
+    def __repr__(self):
+        return "*"
+
+
+def structure_repr(spec):
+    """A pytree structure as users write it, leaves shown as ``*``: ``(*, [*, *])``."""
+    return repr(tree_unflatten([_Leaf()] * spec.num_leaves, spec))

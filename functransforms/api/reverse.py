@@ -14,6 +14,12 @@ def _lift_inputs(level, tree, api):
                 f"{api}: expected every input being differentiated to be a Tensor, got "
                 f"{type(x).__name__}. Move non-Tensor arguments out of argnums."
             )
+        if not (x.is_floating_point() or x.is_complex()):
+            raise RuntimeError(
+                f"{api}: can only differentiate with respect to floating point or complex "
+                f"Tensors, got an input of dtype {x.dtype}. Convert it (e.g. x.float()) or do not "
+                f"differentiate with respect to it."
+            )
         return level.lift(x, requires_grad=True)
     return tree_map(lift, tree)
 
@@ -31,32 +37,51 @@ def _check_scalar_output(output, api):
         )
 
 
+def _type_name(x):
+    # Users never see our wrapper classes: a wrapper is a Tensor to them.
+    return "Tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+class _Leaf:
+    def __repr__(self):
+        return "*"
+
+
+def _tree_str(spec):
+    """A pytree structure as users write it, leaves shown as ``*``: ``(*, {'a': *})``."""
+    return repr(tree_unflatten([_Leaf()] * spec.num_leaves, spec))
+
+
 def _split_aux(result, has_aux, api):
     if not has_aux:
         return result, None
     if not (isinstance(result, tuple) and len(result) == 2):
         raise RuntimeError(
             f"{api}(f, has_aux=True)(*args): expected f(*args) to return a tuple "
-            f"(output, aux), got {type(result).__name__}."
+            f"(output, aux), got {_type_name(result)}."
         )
     return result
 
 
-def _autograd_grad(outputs, inputs, grad_outputs=None, retain_graph=False):
+def _autograd_grad(level, outputs, inputs, grad_outputs=None, retain_graph=False):
     """torch.autograd.grad that returns zeros for unused inputs and accepts constant outputs."""
     pairs = [
         (o, g) for o, g in zip(outputs, grad_outputs or [None] * len(outputs)) if o.requires_grad
     ]
     if not pairs:
         return tuple(torch.zeros_like(i) for i in inputs)
-    grads = torch.autograd.grad(
-        [o for o, _ in pairs],
-        inputs,
-        [g for _, g in pairs] if grad_outputs is not None else None,
-        retain_graph=retain_graph,
-        create_graph=False,
-        allow_unused=True,
-    )
+    level.in_backward = True
+    try:
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs],
+            inputs,
+            [g for _, g in pairs] if grad_outputs is not None else None,
+            retain_graph=retain_graph,
+            create_graph=False,
+            allow_unused=True,
+        )
+    finally:
+        level.in_backward = False
     return tuple(torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs))
 
 
@@ -75,7 +100,7 @@ def grad_and_value(func, argnums=0, has_aux=False):
             output, aux = _split_aux(func(*args, **kwargs), has_aux, api)
             _check_scalar_output(output, api)
             flat_diff, diff_spec = tree_flatten(diff)
-            grads = _autograd_grad([output], flat_diff)
+            grads = _autograd_grad(level, [output], flat_diff)
             grads = tree_unflatten([unwrap_tree(g, level) for g in grads], diff_spec)
             output = unwrap_tree(output, level)
             aux = unwrap_tree(aux, level)
@@ -129,8 +154,8 @@ def vjp(func, *primals, has_aux=False):
         flat_ct, ct_spec = tree_flatten(cotangents)
         if ct_spec != out_spec:
             raise RuntimeError(
-                f"vjp_fn: expected cotangents with the same structure as the outputs of f "
-                f"({out_spec}), got {ct_spec}."
+                f"vjp_fn: expected cotangents with the same structure as the outputs of f, "
+                f"{_tree_str(out_spec)}, got {_tree_str(ct_spec)}."
             )
         for ct, o in zip(flat_ct, flat_out):
             if not isinstance(ct, torch.Tensor):
@@ -145,7 +170,11 @@ def vjp(func, *primals, has_aux=False):
         # are active now (vmap(vjp_fn) puts it above the vmap), with the grad mode of this call.
         level.prev_grad_mode = torch.is_grad_enabled()
         with level:
-            grads = _autograd_grad(flat_out, flat_in, flat_ct, retain_graph=retain_graph)
+            # Lifting the cotangents routes every backward op through this level's lowering,
+            # so levels below record it even when it touches only the cotangents (sum's
+            # backward is ``ct.expand``); the engine itself runs with grad mode off.
+            flat_ct = [level.lift(ct, requires_grad=False) for ct in flat_ct]
+            grads = _autograd_grad(level, flat_out, flat_in, flat_ct, retain_graph=retain_graph)
             grads = [unwrap_tree(g, level) for g in grads]
         return tree_unflatten(grads, in_spec)
 

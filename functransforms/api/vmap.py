@@ -6,7 +6,7 @@ import torch
 from ..batching.interpreter import BatchedTensor, VmapInterpreter
 from ..core.levels import lowering
 from ..core.wrapper import LevelTensor
-from .pytree import broadcast_to_and_flatten, tree_flatten, tree_unflatten
+from .pytree import broadcast_to_and_flatten, structure_repr, tree_flatten, tree_unflatten
 
 _RANDOMNESS = ("error", "different", "same")
 
@@ -33,7 +33,7 @@ def _flatten_in_dims(func, in_dims, out_dims, args):
     if flat_in_dims is None:
         raise ValueError(
             f"{call}: in_dims is not compatible with the structure of the inputs. in_dims must "
-            f"be a prefix of the inputs' pytree structure ({args_spec})."
+            f"be a prefix of the inputs' pytree structure {structure_repr(args_spec)}."
         )
     batch_sizes = []
     for arg, in_dim in zip(flat_args, flat_in_dims):
@@ -132,7 +132,7 @@ def _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_
         if flat_out_dims is None:
             raise ValueError(
                 f"{call}: out_dims is not compatible with the structure of the outputs. out_dims "
-                f"must be a prefix of the outputs' pytree structure ({out_spec})."
+                f"must be a prefix of the outputs' pytree structure {structure_repr(out_spec)}."
             )
         results = [
             _unbatch_output(level, o, d, batch_size, call) for o, d in zip(flat_out, flat_out_dims)

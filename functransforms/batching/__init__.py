@@ -1,2 +1,17 @@
 """vmap's machinery. Importing this package registers every batching-rule family."""
 from .rules import pointwise  # noqa: F401
+from .rules import matmul  # noqa: F401
+from .rules import conv  # noqa: F401
+from .rules import indexing  # noqa: F401
+from .rules import sorting  # noqa: F401
+from .rules import linalg  # noqa: F401
+from .rules import pooling  # noqa: F401
+from .rules import norms  # noqa: F401
+from .rules import views  # noqa: F401
+from .rules import reductions  # noqa: F401
+from .rules import factories  # noqa: F401
+from .rules import joins  # noqa: F401
+from .rules import random  # noqa: F401
+from .rules import softmax  # noqa: F401
+from .rules import embedding  # noqa: F401
+from .rules import loss  # noqa: F401

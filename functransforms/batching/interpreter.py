@@ -15,9 +15,10 @@ import threading
 
 import torch
 from torch._decomp import decomposition_table
+from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
-from ..core.wrapper import LevelTensor, mutated_arg_positions
+from ..core.wrapper import LevelTensor, mutated_arg_positions, tracked_below
 from .fallback import note_fallback, op_name
 from .random_mode import RandomnessMode
 from .registry import BATCH_RULES
@@ -110,7 +111,7 @@ class VmapInterpreter(Interpreter):
                     bdims.append(0)
                 else:
                     bdims.append(None)
-                tracked = tracked or a.requires_grad
+                tracked = tracked or tracked_below(a)
                 values.append(a)
             elif type(a) in (list, tuple) and a and any(isinstance(b, LevelTensor) for b in a):
                 vs, ds = [], []
@@ -120,7 +121,7 @@ class VmapInterpreter(Interpreter):
                         ds.append(0)
                     else:
                         ds.append(None)
-                    tracked = tracked or (isinstance(b, torch.Tensor) and b.requires_grad)
+                    tracked = tracked or (isinstance(b, torch.Tensor) and tracked_below(b))
                     vs.append(b)
                 values.append(type(a)(vs))
                 bdims.append(ds)
@@ -195,17 +196,24 @@ class _NeedsFallback(Exception):
 def _rule_handler(rule, mutated):
     def handle(interp, func, args, kwargs):
         values, bdims, tracked = interp.unwrap_args(args)
+        for i in mutated:
+            if bdims[i] is None:
+                raise RuntimeError(inplace_into_unbatched_message(func))
         try:
             if kwargs:
                 kwargs = {k: interp._unwrap_kwarg(k, v) for k, v in kwargs.items()}
         except _NeedsFallback:
             return interp.run_per_example(func, args, kwargs)
-        if tracked or mutated:
-            # Mutations always go through lowering so version counters are bumped.
-            with lowering(None):
+        try:
+            if tracked or mutated:
+                # Mutations always go through lowering so version counters are bumped.
+                with lowering(None):
+                    out, out_bdims = rule(interp, func, values, bdims, kwargs)
+            else:
                 out, out_bdims = rule(interp, func, values, bdims, kwargs)
-        else:
-            out, out_bdims = rule(interp, func, values, bdims, kwargs)
+        except _NeedsFallback:
+            # A rule may decline a case it cannot batch (e.g. a data-dependent shape).
+            return interp.run_per_example(func, args, kwargs)
         if mutated:
             if len(mutated) == 1 and isinstance(out, torch.Tensor):
                 return args[mutated[0]]
@@ -225,6 +233,13 @@ def _inplace_via_functional(functional):
         if not (isinstance(self_arg, LevelTensor) and self_arg._level is interp):
             raise RuntimeError(inplace_into_unbatched_message(func))
         result = functional(*args, **kwargs)
+        if torch.Tag.inplace_view in func.tags:
+            # squeeze_, t_, ... change the tensor's shape, not its data: point the wrapper at
+            # the view and make its own metadata follow (matmul(1-D, 2-D) ends in squeeze_).
+            value = self_arg._value = result._value
+            with no_dispatch():
+                self_arg.as_strided_(value.shape[1:], value.stride()[1:])
+            return self_arg
         # copy_ is batched like any op; it writes through to the value of ``self_arg``.
         aten.copy_.default(self_arg, result)
         return self_arg

@@ -36,7 +36,13 @@ def _has_level_tensor(args, kwargs):
 class RandomnessMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _SEEDED not in func.tags or _has_level_tensor(args, kwargs):
+        if _has_level_tensor(args, kwargs):
+            # Straight to the wrappers, as if no mode were active. Re-dispatching would run
+            # autograd kernels that torch skipped on purpose: SavedVariable's detach comes
+            # from C++ without them, and a grad level must see it that way (NOTE [detach at
+            # a grad level] in reverse/interpreter.py).
+            return LevelTensor.__torch_dispatch__(func, types, args, kwargs)
+        if _SEEDED not in func.tags:
             return func(*args, **kwargs)
         return _unbatched_random(func, args, kwargs)
 

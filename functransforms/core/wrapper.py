@@ -52,6 +52,33 @@ class LevelTensor(torch.Tensor):
     def __repr__(self, *, tensor_contents=None):
         return f"{type(self).__name__}(level={self._level!r}, value={self._value!r})"
 
+    # Inside a transform the wrappers are the transform's own bookkeeping: torch autograd on
+    # them is the grad levels' tape, so a user's .backward()/.grad would silently read or
+    # corrupt it. Wrappers of finished transforms behave as plain tensors again.
+    def backward(self, *args, **kwargs):
+        if self._level.alive:
+            raise RuntimeError(_AUTOGRAD_INSIDE_MESSAGE.format(what=".backward()"))
+        return super().backward(*args, **kwargs)
+
+    @property
+    def grad(self):
+        if self._level.alive:
+            raise RuntimeError(_AUTOGRAD_INSIDE_MESSAGE.format(what=".grad"))
+        return torch._C.TensorBase.grad.__get__(self)
+
+    @grad.setter
+    def grad(self, value):
+        if self._level.alive:
+            raise RuntimeError(_AUTOGRAD_INSIDE_MESSAGE.format(what=".grad"))
+        torch._C.TensorBase.grad.__set__(self, value)
+
+
+_AUTOGRAD_INSIDE_MESSAGE = (
+    "{what} was used on a tensor inside a functransforms transform (grad, vjp, vmap, jvp, "
+    "...). Inside a transform, gradients are return values: use ft.grad or ft.vjp on the "
+    "function instead, or call {what} outside the transform."
+)
+
 
 def innermost_level(args, kwargs):
     best = None
@@ -89,6 +116,19 @@ def _run_without_dead_wrappers(func, args, kwargs):
     kwargs = tree_map(_strip_dead, kwargs or {})
     with lowering(None):
         return func(*args, **kwargs)
+
+
+def tracked_below(t):
+    """Whether some autograd below records ops on ``t``: its own flag or any value inside.
+
+    A vmap wrapper never requires grad itself, yet its value may be a grad level's leaf
+    (grad(vmap(grad(f)))); looking only one level down would skip the lowering there.
+    """
+    while not t.requires_grad:
+        if not isinstance(t, LevelTensor):
+            return False
+        t = t._value
+    return True
 
 
 def wrap_output(out, wrap):

@@ -26,7 +26,7 @@ from torch._C import DispatchKey
 from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
-from ..core.wrapper import LevelTensor, mutated_arg_positions, wrap_output
+from ..core.wrapper import LevelTensor, mutated_arg_positions, tracked_below, wrap_output
 
 aten = torch.ops.aten
 
@@ -48,6 +48,12 @@ class GradTensor(LevelTensor):
             )
         self._value = value
         self._level = level
+        # Lazy conjugation/negation are flags on the tensor, read by composite ops (fft, eig
+        # backward) before they reach us: the wrapper must carry its value's flags.
+        if value.is_conj():
+            torch._C._set_conj(self, True)
+        if value.is_neg():
+            torch._C._set_neg(self, True)
         return self
 
     def __repr__(self, *, tensor_contents=None):
@@ -60,8 +66,20 @@ class GradInterpreter(Interpreter):
     def __init__(self):
         super().__init__()
         self.prev_grad_mode = torch.is_grad_enabled()
+        self.in_backward = False
+
+    def lowered_grad_mode(self):
+        # As in torch.func, grad mode is one switch shared by all levels: a no_grad inside f
+        # also hides the op from the levels below, and a level entered under no_grad never
+        # lets the levels below record. The exception is this level's own backward, which
+        # runs with grad mode off but must be recorded below (grad of grad).
+        if self.in_backward:
+            return self.prev_grad_mode
+        return self.prev_grad_mode and torch.is_grad_enabled()
 
     def lower(self):
+        # For callers that run code on this level's behalf (custom autograd.Function forward,
+        # which torch runs under no_grad): the levels below record as if this level were off.
         return lowering(self.prev_grad_mode)
 
     def lift(self, value, requires_grad):
@@ -74,8 +92,9 @@ class GradInterpreter(Interpreter):
             return GradTensor(args[0]._value, self)
         mutated = mutated_arg_positions(func)
         if mutated:
-            for i in mutated:
-                if not (isinstance(args[i], LevelTensor) and args[i]._level is self):
+            returned = _returned_args(func)
+            for i in returned:
+                if i is not None and not (isinstance(args[i], LevelTensor) and args[i]._level is self):
                     raise RuntimeError(_captured_mutation_message(func))
         # Only values tracked by a lower level need the op recorded below; skipping the
         # lowering context otherwise is what keeps a single grad level cheap.
@@ -85,32 +104,65 @@ class GradInterpreter(Interpreter):
             if isinstance(a, torch.Tensor):
                 if isinstance(a, LevelTensor) and a._level is self:
                     a = a._value
-                tracked = tracked or a.requires_grad
+                tracked = tracked or tracked_below(a)
             elif type(a) in (list, tuple):
                 a = type(a)(_unwrap(b, self) for b in a)
-                tracked = tracked or any(isinstance(b, torch.Tensor) and b.requires_grad for b in a)
+                tracked = tracked or any(
+                    isinstance(b, torch.Tensor) and tracked_below(b) for b in a
+                )
             values.append(a)
         if kwargs:
             kwargs = {k: _unwrap(v, self) for k, v in kwargs.items()}
             tracked = tracked or any(
-                isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values()
+                isinstance(v, torch.Tensor) and tracked_below(v) for v in kwargs.values()
             )
         if tracked or mutated:
-            with lowering(self.prev_grad_mode):
+            with lowering(self.lowered_grad_mode()):
                 out = func._op(*values, **kwargs)
         else:
             out = func._op(*values, **kwargs)
         if mutated:
+            for i in mutated:
+                if isinstance(args[i], LevelTensor) and args[i]._level is self:
+                    _sync_metadata(args[i])
             # In-place ops return their (already mutated) input: hand back the same wrapper
             # so autograd's version counter and history bookkeeping stay on one object.
-            for i in mutated:
-                _sync_metadata(args[i])
-            if len(mutated) == 1 and isinstance(out, torch.Tensor):
-                return args[mutated[0]]
-            return tuple(args[i] for i in mutated)
+            if not returned:
+                return out
+            if len(returned) == 1:
+                return args[returned[0]] if returned[0] is not None else GradTensor(out, self)
+            return tuple(
+                args[i] if i is not None else GradTensor(o, self) for i, o in zip(returned, out)
+            )
         if isinstance(out, torch.Tensor):
             return GradTensor(out, self)
         return wrap_output(out, lambda t: GradTensor(t, self))
+
+
+_returned_cache = {}
+
+
+def _returned_args(func):
+    """For each return of a mutating op, the position of the argument it hands back (or None).
+
+    Only those arguments must belong to this level. Other written arguments are side
+    buffers no gradient flows through (batch norm's running stats, rrelu's noise); as in
+    torch.func, captured ones may be written to.
+    """
+    returned = _returned_cache.get(func)
+    if returned is None:
+        written = {}
+        for i, arg in enumerate(func._schema.arguments):
+            info = arg.alias_info
+            if info is not None and info.is_write and not arg.kwarg_only:
+                written.update((alias, i) for alias in info.before_set)
+        returned = _returned_cache[func] = tuple(
+            next((written[a] for a in r.alias_info.before_set if a in written), None)
+            if r.alias_info is not None and r.alias_info.is_write
+            else None
+            for r in func._schema.returns
+        )
+    return returned
 
 
 def _sync_metadata(wrapper):

@@ -1,0 +1,1 @@
+"""Benchmark workload families; each module's ``run(settings)`` returns result tables."""

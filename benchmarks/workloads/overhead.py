@@ -1,0 +1,95 @@
+"""Per-op overhead: each transform around a chain of 20 tiny ops (the lead's bench_overhead chain).
+
+Times are per op of the chain. The overhead column subtracts the untransformed chain and
+divides by the number of transform levels, so it is the price of one op at one level.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.func as tf
+
+from .harness import ORACLE, OURS, Table, add_row, ft_api
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_overhead import CHAIN, chain, chain_sum  # noqa: E402
+
+EAGER = "eager (no transform)"
+IMPLS = [OURS, ORACLE, EAGER]
+
+
+def _vmap(lib):
+    return lib.vmap(chain)
+
+
+def _grad(lib):
+    return lib.grad(chain_sum)
+
+
+def _vmap_grad(lib):
+    return lib.vmap(lib.grad(chain_sum))
+
+
+def _jvp(lib):
+    ones = torch.ones(4)
+    return lambda x: lib.jvp(chain, (x,), (ones,))
+
+
+# name -> (transform of a library, number of levels, batched input?)
+TRANSFORMS = {
+    "vmap": (_vmap, ("vmap",), True),
+    "grad": (_grad, ("grad",), False),
+    "jvp": (_jvp, ("jvp",), False),
+    "vmap(grad)": (_vmap_grad, ("vmap", "grad"), True),
+}
+
+
+class _FtNamespace:
+    """``functransforms`` seen through ft_api, so a missing transform is skipped, not an error."""
+
+    def __getattr__(self, name):
+        return ft_api(name)
+
+
+def builders(name):
+    transform, _, batched = TRANSFORMS[name]
+    x = torch.randn(8, 4) if batched else torch.randn(4)
+    eager = chain if name in ("vmap", "jvp") else chain_sum
+
+    def bind(lib):
+        def make():
+            fn = transform(lib)
+            return lambda: fn(x)
+        return make
+
+    return {OURS: bind(_FtNamespace()), ORACLE: bind(tf), EAGER: lambda: lambda: eager(x)}
+
+
+def run(settings):
+    table = Table(
+        key="overhead",
+        title=f"Per-op overhead on a chain of {CHAIN} tiny ops (sin, mul on 4 or 8x4 floats)",
+        config_label="transform", impls=IMPLS, unit="µs/op", scale=1e6 / CHAIN,
+    )
+    for name, (_, levels, _) in TRANSFORMS.items():
+        row = add_row(table, name, builders(name), settings, checked=[OURS])
+        row.levels = len(levels)
+    table.notes.append(
+        "overhead µs/op/level = (transform - eager) / ops / levels: what one op costs at one "
+        "transform level beyond running it, the transform's fixed per-call cost spread over the "
+        "ops. Eager runs the chain (grad rows: the chain and a sum) untransformed."
+    )
+
+    def per_level(impl):
+        def cell(row):
+            t, e = row.values.get(impl), row.values.get(EAGER)
+            if t is None or e is None:
+                return "n/a"
+            return f"{(t - e) * table.scale / row.levels:.2f}"
+        return cell
+
+    table.extra_columns = [
+        (f"{OURS} overhead µs/op/level", per_level(OURS)),
+        (f"{ORACLE} overhead µs/op/level", per_level(ORACLE)),
+    ]
+    return [table]

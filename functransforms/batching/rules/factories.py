@@ -1,0 +1,72 @@
+"""Factories that take a tensor (new_*, *_like) and the ops that overwrite one (fill_, copy_).
+
+A factory called on a batched tensor makes a batched result: each example gets its own
+storage, so later in-place writes of batched values into it work as they do per example.
+"""
+import torch
+
+from ..interpreter import inplace_into_unbatched_message
+from ..registry import batch_rule, ensure_batched, logical_rank, pad_to_rank
+from .views import with_memory_format
+
+aten = torch.ops.aten
+
+
+@batch_rule(aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default,
+            aten.new_full.default, aten.new_empty_strided.default)
+def new_factory(interp, func, args, bdims, kwargs):
+    x, size, *rest = args
+    if func is aten.new_empty_strided.default:
+        # Strides are given per example; each example gets its own stretch of storage.
+        stride, *rest = rest
+        extent = 1 + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else 1
+        return func(x, [x.shape[0], *size], [extent, *stride], *rest, **kwargs), 0
+    return func(x, [x.shape[0], *size], *rest, **kwargs), 0
+
+
+@batch_rule(aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
+            aten.full_like.default)
+def like_factory(interp, func, args, bdims, kwargs):
+    kwargs = dict(kwargs)
+    memory_format = kwargs.pop("memory_format", None)
+    return with_memory_format(
+        args[0], memory_format, lambda v, fmt: func(v, *args[1:], memory_format=fmt, **kwargs)
+    ), 0
+
+
+@batch_rule(aten.fill_.Scalar, aten.fill.Scalar, aten.zero_.default, aten.zero.default)
+def fill_scalar(interp, func, args, bdims, kwargs):
+    return func(*args, **kwargs), 0
+
+
+@batch_rule(aten.fill_.Tensor, aten.fill.Tensor, aten.copy_.default, aten.copy.default)
+def fill_from_tensor(interp, func, args, bdims, kwargs):
+    self, src, *rest = args
+    if func in _INPLACE and bdims[0] is None:
+        raise RuntimeError(inplace_into_unbatched_message(func))
+    if bdims[1] is None:
+        return func(*args, **kwargs), 0
+    # A batched source broadcasts against each example of ``self``: line its batch dim up
+    # with self's (fill's 0-dim value becomes one scalar per example the same way).
+    src = pad_to_rank(src, 0, logical_rank(self, bdims[0]))
+    if func in _INPLACE:
+        return self.copy_(src, *rest), 0
+    shape = self.shape[1:] if bdims[0] is not None else self.shape
+    return self.new_empty((interp.batch_size, *shape)).copy_(src), 0
+
+
+_INPLACE = (aten.fill_.Tensor, aten.copy_.default)
+
+
+@batch_rule(aten.masked_fill.Tensor)
+def masked_fill_tensor(interp, func, args, bdims, kwargs):
+    self, mask, value = args
+    rank = max(logical_rank(self, bdims[0]), logical_rank(mask, bdims[1]))
+    self = pad_to_rank(self, bdims[0], rank)
+    mask = pad_to_rank(mask, bdims[1], rank)
+    if bdims[2] is None:
+        # The result has self's shape, so self must carry the batch dim mask brings.
+        return func(ensure_batched(self, bdims[0], interp.batch_size), mask, value), 0
+    # masked_fill wants a 0-dim value; where() takes one value per example.
+    value = pad_to_rank(value, 0, rank).to(self.dtype)
+    return torch.where(mask, value, self), 0

@@ -1,0 +1,170 @@
+"""The general JVP fallback for ops with neither a rule nor a decomposition.
+
+Two ways, both built on derivative formulas torch already has:
+  * at the bottom of the stack (every primal and tangent a plain tensor) torch's own
+    forward AD runs the op once on dual tensors;
+  * otherwise the double-vjp trick with our own grad levels: for ``u -> vjp_fn(u)``,
+    which is linear in the cotangent ``u``, the vjp with respect to ``u`` applied to the
+    tangent is the JVP. It costs a backward and a double backward, but works whatever
+    the primals and tangents are wrapped in.
+Every use is counted (``functransforms.jvp_fallback_counts()``) and the first use of each
+op warns.
+"""
+import warnings
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch._C import DispatchKey
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..core.levels import lowering
+from ..core.wrapper import LevelTensor
+
+_counts = {}
+_warned = set()
+
+
+def op_name(func):
+    return f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
+
+
+def jvp_fallback_counts():
+    """``{aten op name: times jvp served it with the general fallback}`` since start."""
+    return dict(_counts)
+
+
+def reset_jvp_fallback_counts():
+    _counts.clear()
+
+
+def _note(func):
+    name = op_name(func)
+    _counts[name] = _counts.get(name, 0) + 1
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(
+            f"jvp: there is no JVP rule or decomposition for aten::{name}, so it runs through "
+            f"the general (slower) fallback. Results are correct.",
+            stacklevel=3,
+        )
+
+
+def _split_flat(level, args, kwargs):
+    flat, spec = tree_flatten((list(args), dict(kwargs)))
+    primals = []
+    tangents = []
+    for x in flat:
+        if isinstance(x, LevelTensor) and x._level is level:
+            primals.append(x._value)
+            tangents.append(x._tangent)
+        else:
+            primals.append(x)
+            tangents.append(None)
+    return primals, tangents, spec
+
+
+def _is_plain(x):
+    return not isinstance(x, LevelTensor)
+
+
+def general_jvp(level, func, args, kwargs):
+    if func.namespace == "prims":
+        # torch's forward AD silently gives prims no tangent, and they have no backward.
+        raise NotImplementedError(
+            f"jvp: no JVP rule for prims::{op_name(func)}; add one in forward/rules/prims.py."
+        )
+    _note(func)
+    primals, tangents, spec = _split_flat(level, args, kwargs)
+    with lowering(None):
+        if all(_is_plain(x) for x in primals if isinstance(x, torch.Tensor)) and all(
+            t is None or _is_plain(t) for t in tangents
+        ):
+            out, out_tangents = _torch_forward_ad(func, primals, tangents, spec)
+        else:
+            out, out_tangents = _double_vjp(func, primals, tangents, spec)
+    flat_out, out_spec = tree_flatten(out)
+    wrapped = [
+        o if t is None else level.lift(o, t) for o, t in zip(flat_out, out_tangents)
+    ]
+    return tree_unflatten(wrapped, out_spec)
+
+
+# Inside __torch_dispatch__ these keys are excluded too, and ``lowering`` only restores the
+# autograd ones. torch's forward-AD formulas build zero tensors and lazy conj/neg views;
+# with their keys excluded, kernels would get storage-less zero tensors (a segfault, e.g.
+# linalg_solve_triangular) or ignore a negation bit (a silently wrong sign).
+_LAZY_KEYS = (DispatchKey.ZeroTensor, DispatchKey.Conjugate, DispatchKey.Negative)
+
+
+class _lazy_tensor_keys_enabled:
+    def __enter__(self):
+        exclude = torch._C._dispatch_tls_local_exclude_set()
+        for key in _LAZY_KEYS:
+            exclude = exclude.remove(key)
+        self._guard = torch._C._ForceDispatchKeyGuard(
+            torch._C._dispatch_tls_local_include_set(), exclude
+        )
+        self._guard.__enter__()
+
+    def __exit__(self, *exc):
+        self._guard.__exit__(*exc)
+        return False
+
+
+def _torch_forward_ad(func, primals, tangents, spec):
+    with _lazy_tensor_keys_enabled(), fwAD.dual_level():
+        duals = [
+            p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents)
+        ]
+        args, kwargs = tree_unflatten(duals, spec)
+        out = func(*args, **kwargs)
+        flat_out, out_spec = tree_flatten(out)
+        values = []
+        out_tangents = []
+        for o in flat_out:
+            if isinstance(o, torch.Tensor):
+                p, t = fwAD.unpack_dual(o)
+                values.append(p)
+                out_tangents.append(t)
+            else:
+                values.append(o)
+                out_tangents.append(None)
+    return tree_unflatten(values, out_spec), out_tangents
+
+
+def _double_vjp(func, primals, tangents, spec):
+    from ..api.reverse import vjp
+
+    positions = [i for i, t in enumerate(tangents) if t is not None]
+
+    def f(*diff):
+        flat = list(primals)
+        for i, d in zip(positions, diff):
+            flat[i] = d
+        args, kwargs = tree_unflatten(flat, spec)
+        return func(*args, **kwargs)
+
+    out, vjp_fn = vjp(f, *[primals[i] for i in positions])
+    flat_out, out_spec = tree_flatten(out)
+    diff_out = [
+        i for i, o in enumerate(flat_out)
+        if isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex())
+    ]
+    if not diff_out:
+        return out, [None] * len(flat_out)
+
+    def cotangent_map(*cts):
+        full = [
+            torch.zeros_like(o) if isinstance(o, torch.Tensor) else o for o in flat_out
+        ]
+        for i, c in zip(diff_out, cts):
+            full[i] = c
+        return vjp_fn(tree_unflatten(full, out_spec))
+
+    zeros = [torch.zeros_like(flat_out[i]) for i in diff_out]
+    _, vjp_of_vjp = vjp(cotangent_map, *zeros)
+    diff_tangents = vjp_of_vjp(tuple(tangents[i] for i in positions))
+    out_tangents = [None] * len(flat_out)
+    for i, t in zip(diff_out, diff_tangents):
+        out_tangents[i] = t
+    return out, out_tangents

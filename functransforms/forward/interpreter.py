@@ -1,0 +1,245 @@
+"""Forward mode as a level: DualTensor and the JVP interpreter.
+
+NOTE [Dual numbers per level]
+torch's own forward AD has a single global dual level and crashes when nested on wrapper
+subclasses (FINDINGS #4), so each jvp level carries its own dual numbers: a DualTensor's
+``_value`` is the primal and ``_tangent`` the tangent, both one level down (plain tensors
+or wrappers of lower levels, e.g. a BatchedTensor when jacfwd vmaps over tangents). A
+DualTensor always has a tangent; a result whose tangent is structurally zero is returned
+as its bare primal, which every level treats as a constant. That keeps zeros free and is
+also what stops two levels from confusing their perturbations.
+
+How an op is served, fastest first (the choice is cached per op):
+  1. a JVP rule from ``JVP_RULES`` (forward/rules/*.py, one module per op family);
+  2. for an in-place op, its out-of-place twin, then the primal is overwritten and the
+     tangent rebound;
+  3. a decomposition (``torch._decomp`` or the CompositeImplicit kernel), whose pieces come
+     back through dispatch and meet their own rules;
+  4. the general fallback (forward/fallback.py), counted and warned about.
+"""
+import torch
+from torch._decomp import decomposition_table
+from torch.utils._mode_utils import no_dispatch
+
+from ..core.levels import Interpreter, lowering
+from ..core.wrapper import LevelTensor, mutated_arg_positions
+from .fallback import general_jvp, op_name
+from .registry import JVP_RULES
+
+aten = torch.ops.aten
+
+
+class DualTensor(LevelTensor):
+    @staticmethod
+    def __new__(cls, primal, tangent, level):
+        self = LevelTensor._make(cls, primal, level, primal.shape, primal.stride())
+        self._tangent = tangent
+        return self
+
+    def __repr__(self, *, tensor_contents=None):
+        return (
+            f"DualTensor(level={self._level.depth}, primal={self._value!r}, "
+            f"tangent={self._tangent!r})"
+        )
+
+
+class JvpInterpreter(Interpreter):
+    kind = "jvp"
+
+    def lift(self, primal, tangent):
+        return DualTensor(primal, tangent, self)
+
+    def process(self, func, args, kwargs):
+        handler = _HANDLERS.get(func)
+        if handler is None:
+            handler = _choose_handler(func)
+        return handler(self, func, args, kwargs)
+
+    def split_args(self, args):
+        """(primals, tangents, any_tangent) for the positional args."""
+        primals = []
+        tangents = []
+        found = False
+        for a in args:
+            if isinstance(a, LevelTensor) and a._level is self:
+                primals.append(a._value)
+                tangents.append(a._tangent)
+                found = True
+            elif type(a) in (list, tuple) and a and any(isinstance(b, LevelTensor) for b in a):
+                ps, ts = [], []
+                for b in a:
+                    if isinstance(b, LevelTensor) and b._level is self:
+                        ps.append(b._value)
+                        ts.append(b._tangent)
+                        found = True
+                    else:
+                        ps.append(b)
+                        ts.append(None)
+                primals.append(type(a)(ps))
+                tangents.append(ts)
+            else:
+                primals.append(a)
+                tangents.append(None)
+        return primals, tangents, found
+
+    def wrap_out(self, out, out_tangent):
+        if isinstance(out, torch.Tensor):
+            if type(out_tangent) in (list, tuple):
+                (out_tangent,) = out_tangent
+            return out if out_tangent is None else DualTensor(out, out_tangent, self)
+        if type(out) in (tuple, list):
+            if type(out_tangent) not in (list, tuple):
+                out_tangent = (out_tangent,) * len(out)
+            return type(out)(
+                DualTensor(o, t, self) if (t is not None and isinstance(o, torch.Tensor)) else o
+                for o, t in zip(out, out_tangent)
+            )
+        return out
+
+
+def _has_dual_kwarg(level, kwargs):
+    return any(isinstance(v, LevelTensor) and v._level is level for v in kwargs.values())
+
+
+def _rule_handler(rule):
+    def handle(interp, func, args, kwargs):
+        if kwargs and _has_dual_kwarg(interp, kwargs):
+            return _fallback_handler(interp, func, args, kwargs)
+        primals, tangents, found = interp.split_args(args)
+        if not found:
+            with lowering(None):
+                return func(*primals, **kwargs)
+        with lowering(None):
+            out, out_tangent = rule(func, primals, tangents, kwargs)
+        return interp.wrap_out(out, out_tangent)
+
+    return handle
+
+
+class CapturedMutationError(RuntimeError):
+    pass
+
+
+def _inplace_via_functional(functional):
+    def handle(interp, func, args, kwargs):
+        target = args[0]
+        if not (isinstance(target, LevelTensor) and target._level is interp):
+            raise CapturedMutationError(captured_mutation_message(func))
+        result = functional(*args, **kwargs)
+        if isinstance(result, LevelTensor) and result._level is interp:
+            value, tangent = result._value, result._tangent
+        else:
+            value, tangent = result, None
+        with lowering(None):
+            target._value.copy_(value)
+            if tangent is None:
+                tangent = torch.zeros_like(target._value)
+            elif tangent.dtype != target.dtype:
+                tangent = tangent.to(target.dtype)
+        # NOTE [In-place tangents are rebound]: the tangent is replaced, not written into,
+        # because a rule may hand back an input's tangent object (or a broadcast view of
+        # it) as its result's tangent; writing into it would corrupt another dual.
+        target._tangent = tangent
+        return target
+
+    return handle
+
+
+def _inplace_view(functional):
+    def handle(interp, func, args, kwargs):
+        target = args[0]
+        if not (isinstance(target, LevelTensor) and target._level is interp):
+            raise CapturedMutationError(captured_mutation_message(func))
+        rest = args[1:]
+        with lowering(None):
+            func(target._value, *rest, **kwargs)
+            tangent = functional(target._tangent, *rest, **kwargs)
+        # These ops change only metadata; the wrapper's own sizes and strides must follow.
+        with no_dispatch():
+            func(target, *rest, **kwargs)
+        target._tangent = tangent
+        return target
+
+    return handle
+
+
+def _decomposition_handler(decomp):
+    def handle(interp, func, args, kwargs):
+        # A decomposition may fill a tensor it created (``out = empty(); out.copy_(x)``):
+        # such a tensor is not a dual here, so the whole op goes to the fallback instead.
+        # Decompositions also decline some inputs by returning NotImplemented.
+        try:
+            out = decomp(*args, **kwargs)
+        except CapturedMutationError:
+            return general_jvp(interp, func, args, kwargs)
+        if out is NotImplemented:
+            return general_jvp(interp, func, args, kwargs)
+        return out
+
+    return handle
+
+
+def _fallback_handler(interp, func, args, kwargs):
+    return general_jvp(interp, func, args, kwargs)
+
+
+_HANDLERS = {}
+
+
+def _functional_twin(func):
+    name = func._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    if packet is None:
+        return None
+    twin = getattr(packet, func._overloadname, None)
+    if twin is None or len(twin._schema.arguments) != len(func._schema.arguments):
+        return None
+    return twin
+
+
+_INPLACE_TWINS = {aten.copy_.default: aten.copy.default}
+
+
+def _choose_handler(func):
+    rule = JVP_RULES.get(func)
+    if rule is not None and not mutated_arg_positions(func):
+        handler = _rule_handler(rule)
+    elif torch.Tag.inplace_view in func.tags and _functional_twin(func) is not None:
+        handler = _inplace_view(_functional_twin(func))
+    elif mutated_arg_positions(func) and (
+        func in _INPLACE_TWINS or (_functional_twin(func) and len(mutated_arg_positions(func)) == 1)
+    ):
+        handler = _inplace_via_functional(_INPLACE_TWINS.get(func) or _functional_twin(func))
+    else:
+        decomp = _decomposition(func)
+        handler = _decomposition_handler(decomp) if decomp is not None else _fallback_handler
+    _HANDLERS[func] = handler
+    return handler
+
+
+def _decomposition(func):
+    if torch.Tag.nondeterministic_seeded in func.tags:
+        return None
+    decomp = decomposition_table.get(func)
+    if decomp is not None:
+        return decomp
+    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+        return func.decompose
+    return None
+
+
+def refresh_handlers():
+    """Forget cached choices (after rules are registered late, e.g. by tests)."""
+    _HANDLERS.clear()
+
+
+def captured_mutation_message(func):
+    return (
+        f"During a jvp transform, the function called the in-place operation "
+        f"aten::{op_name(func)} on a tensor that is not a dual of this jvp level (captured "
+        f"from outside the transform, or created inside it without depending on its "
+        f"inputs). Its tangent would be lost. Pass that tensor as an input of the function, "
+        f"or use the out-of-place version of the operation."
+    )

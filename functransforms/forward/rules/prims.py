@@ -1,0 +1,65 @@
+"""``torch.ops.prims``: the primitives that torch._refs decompositions (used by other
+levels, e.g. vmap) bottom out in. torch's own forward AD silently gives them no tangent,
+so they need rules; most are the aten rules under another name.
+"""
+import torch
+
+from ..registry import JVP_RULES, jvp_rule, register_rule
+from .linear import linear_rule
+from . import reductions  # noqa: F401  (amax/amin rules are shared)
+from .pointwise import UNARY, ZERO_DERIVATIVE, no_tangent
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_RENAMED = {"erfinv": "erf_inv"}
+
+
+def _prims_packet(name):
+    return getattr(prims, _RENAMED.get(name, name), None)
+
+
+def _register_same_as_aten():
+    for packet in list(UNARY) + ZERO_DERIVATIVE:
+        name = packet._qualified_op_name.split("::")[-1]
+        target = _prims_packet(name)
+        if target is not None:
+            register_rule(target, JVP_RULES[packet.default])
+    for name, aten_op in (
+        ("add", aten.add.Tensor), ("sub", aten.sub.Tensor), ("mul", aten.mul.Tensor),
+        ("div", aten.div.Tensor), ("pow", aten.pow.Tensor_Tensor),
+        ("atan2", aten.atan2.default), ("maximum", aten.maximum.default),
+        ("minimum", aten.minimum.default), ("where", aten.where.self),
+        ("amax", aten.amax.default), ("amin", aten.amin.default),
+        ("fmax", aten.fmax.default), ("fmin", aten.fmin.default),
+        ("fmod", aten.fmod.Tensor), ("remainder", aten.remainder.Tensor),
+        ("hypot", aten.hypot.default), ("bessel_i1", aten.special_i1.default),
+        ("bessel_i1e", aten.special_i1e.default), ("ndtri", aten.special_ndtri.default),
+        ("bessel_i0", aten.i0.default), ("bessel_i0e", aten.special_i0e.default),
+    ):
+        register_rule(getattr(prims, name), JVP_RULES[aten_op])
+
+
+_register_same_as_aten()
+
+_LINEAR_PRIMS = (
+    "broadcast_in_dim convert_element_type squeeze transpose collapse_view collapse "
+    "split_dim view_of reshape rev clone sum conj conj_physical real imag neg slice "
+    "slice_in_dim"
+).split()
+for _name in _LINEAR_PRIMS:
+    _packet = getattr(prims, _name, None)
+    if _packet is not None:
+        register_rule(_packet, linear_rule((0,)))
+register_rule(prims.cat, linear_rule((0,)))
+register_rule(prims.as_strided_scatter, linear_rule((0, 1)))
+
+
+@jvp_rule(prims.frexp.default)
+def frexp(func, primals, tangents, kwargs):
+    mantissa, exponent = func(*primals)
+    return (mantissa, exponent), (tangents[0] / exponent.exp2(), None)
+
+for _name in ("eq ne lt le gt ge isfinite bitwise_and bitwise_or bitwise_xor bitwise_not "
+              "full_like fill item signbit").split():
+    register_rule(getattr(prims, _name), no_tangent)

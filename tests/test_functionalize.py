@@ -1,0 +1,162 @@
+"""functionalize: same results and input mutations as the original, no mutations below."""
+import expecttest
+import pytest
+import torch
+import torch.func as tf
+from torch.utils._pytree import tree_map
+
+import functransforms as ft
+
+
+def assert_close(a, b):
+    torch.testing.assert_close(a, b)
+
+
+def mutate_views(x):
+    y = x.clone()
+    y[0].add_(1)
+    z = y.t()
+    z[1, 2] = 5.0
+    x.mul_(2)
+    x[:, 2:].copy_(y[:, :2])
+    return y, z.sum(0)
+
+
+def mutate_intermediate(x):
+    y = x * 1
+    y[1:].mul_(y[:-1].clone())
+    y.diagonal().sin_()
+    idx = torch.tensor([0, 2])
+    y.index_put_((idx,), y[idx] * 3, accumulate=True)
+    return y.sum()
+
+
+def split_views(x):
+    y = x.clone()
+    a, b = y.split(2, dim=-1)
+    a.mul_(b)
+    b.unsqueeze(0).add_(1)
+    return y
+
+
+REMOVE = ["mutations", "mutations_and_views"]
+
+
+@pytest.mark.parametrize("remove", REMOVE)
+@pytest.mark.parametrize("f", [mutate_views, split_views])
+def test_results_and_input_mutations(f, remove):
+    x = torch.randn(3, 4)
+    expected_in, actual_in, ref_in = x.clone(), x.clone(), x.clone()
+    expected = f(expected_in)
+    actual = ft.functionalize(f, remove=remove)(actual_in)
+    reference = tf.functionalize(f, remove=remove)(ref_in)
+    assert_close(actual, expected)
+    assert_close(actual, reference)
+    assert_close(actual_in, expected_in)
+
+
+class Recorder(torch.Tensor):
+    """Logs every aten op that reaches it, i.e. what functionalize sends down."""
+
+    @staticmethod
+    def __new__(cls, value, log):
+        self = torch.Tensor._make_wrapper_subclass(cls, value.shape, strides=value.stride(),
+                                                   dtype=value.dtype)
+        self.value = value
+        self.log = log
+        return self
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        log = next(a.log for a in args if isinstance(a, Recorder))
+        log.append(func._schema.name.split("::")[1])
+
+        def unwrap(t):
+            return t.value if isinstance(t, Recorder) else t
+
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        return tree_map(lambda t: Recorder(t, log) if isinstance(t, torch.Tensor) else t, out)
+
+
+def test_no_mutation_reaches_the_level_below():
+    log = []
+    ft.functionalize(mutate_views)(Recorder(torch.randn(3, 4), log))
+    # The only in-place op is the final write-back into the input.
+    assert [op for op in log if op.endswith("_")] == ["copy_"]
+    assert "t" in log and "select" in log
+
+
+def test_no_view_reaches_the_level_below():
+    log = []
+    ft.functionalize(mutate_views, remove="mutations_and_views")(Recorder(torch.randn(3, 4), log))
+    assert [op for op in log if op.endswith("_")] == ["copy_"]
+    assert not {"t", "select", "slice", "view"} & set(log)
+    assert {"t_copy", "select_copy", "slice_copy"} <= set(log)
+
+
+@pytest.mark.parametrize("remove", REMOVE)
+def test_grad_of_functionalize(remove):
+    x = torch.randn(4, 4, dtype=torch.double)
+    assert_close(ft.grad(ft.functionalize(mutate_intermediate, remove=remove))(x),
+                 tf.grad(mutate_intermediate)(x))
+    assert_close(ft.functionalize(ft.grad(mutate_intermediate), remove=remove)(x),
+                 tf.grad(mutate_intermediate)(x))
+
+
+@pytest.mark.parametrize("remove", REMOVE)
+def test_vmap_and_functionalize(remove):
+    xs = torch.randn(5, 3, 4)
+    expected_in, in_a, in_b = xs.clone(), xs.clone(), xs.clone()
+    expected = tf.vmap(mutate_views)(expected_in)
+    assert_close(ft.vmap(ft.functionalize(mutate_views, remove=remove))(in_a), expected)
+    assert_close(ft.functionalize(ft.vmap(mutate_views), remove=remove)(in_b), expected)
+    assert_close(in_a, expected_in)
+    assert_close(in_b, expected_in)
+
+
+def test_vmap_grad_functionalize():
+    xs = torch.randn(2, 3, 3, dtype=torch.double)
+    assert_close(ft.vmap(ft.grad(ft.functionalize(mutate_intermediate)))(xs),
+                 tf.vmap(tf.grad(mutate_intermediate))(xs))
+
+
+def test_kwargs_and_non_tensor_outputs():
+    def f(x, *, scale):
+        x.mul_(scale)
+        return x.sum(), "done"
+
+    x = torch.ones(3)
+    out, tag = ft.functionalize(f)(x, scale=2.0)
+    assert (out.item(), tag) == (6.0, "done")
+    assert_close(x, torch.full((3,), 2.0))
+
+
+class TestErrors(expecttest.TestCase):
+    def test_bad_remove(self):
+        with self.assertRaises(ValueError) as err:
+            ft.functionalize(mutate_views, remove="views")
+        self.assertExpectedInline(str(err.exception), """functionalize: remove must be one of ('mutations', 'mutations_and_views'), got 'views'.""")
+
+    def test_inplace_metadata_change(self):
+        def f(x):
+            y = x.clone()
+            y.t_()
+            return y
+
+        with self.assertRaises(RuntimeError) as err:
+            ft.functionalize(f)(torch.randn(2, 3))
+        self.assertExpectedInline(str(err.exception), """functionalize: aten::t_.default changes a tensor's shape or strides in place, which is not supported. Use the out-of-place version (e.g. `x = x.t()` instead of `x.t_()`).""")
+        eye = torch.eye(3)
+        assert_close(ft.functionalize(mutate_intermediate)(eye), mutate_intermediate(eye))
+
+    def test_write_into_captured_tensor(self):
+        captured = torch.zeros(3)
+
+        def f(x):
+            captured.add_(x)
+            return x
+
+        with self.assertRaises(RuntimeError) as err:
+            ft.functionalize(f)(torch.ones(3))
+        self.assertExpectedInline(str(err.exception), """functionalize: aten::add_.Tensor writes into a tensor captured from outside the function. Pass it as an input so that the write can be applied back to it.""")
+        assert_close(captured, torch.zeros(3))
