@@ -111,7 +111,7 @@ def render_table(table):
 BUCKETS = (
     ("functransforms Python", lambda f: "/functransforms/" in f),
     ("torch Python (ops, autograd, pytree, decompositions, torch.func)", lambda f: "/torch/" in f),
-    ("C++ (aten kernels, dispatcher, autograd engine)", lambda f: f == "~"),
+    ("C++ (aten kernels, dispatcher, autograd engine, wrapper creation)", lambda f: f == "~"),
 )
 
 

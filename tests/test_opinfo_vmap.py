@@ -22,7 +22,7 @@ import torch.func
 
 import functransforms as ft
 from opinfo_util import (
-    OPS_BY_KEY, VMAP_OPS, Transforms, is_deterministic, op_key, run_op, vjp_cases, vmap_cases,
+    OPS_BY_KEY, VMAP_OPS, Transforms, is_random, op_key, run_op, vjp_cases, vmap_cases,
 )
 
 N_SAMPLES = 3
@@ -76,7 +76,7 @@ def test_vmap_vjp_fast_subset(key):
 
 
 def _phases(op):
-    if not is_deterministic(op, N_SAMPLES):
+    if is_random(op, N_SAMPLES):
         yield "random", lambda: True
         return
     for kind, make_cases in (("vmap", _vmap_cases), ("vjp", _vjp_cases)):
@@ -162,10 +162,11 @@ def write_report(results):
         "",
         f"torch {torch.__version__}, float32, CPU, first {N_SAMPLES} samples per OpInfo, batch of 3 "
         f"perturbed copies; each tensor argument batched alone, all together, and one at "
-        f"in_dim=-1. {len(results)} OpInfos, {n_random} skipped as random. An op is counted "
-        f"when the loop reference runs for at least one case; it matches when every case "
-        f"matches. 'Without fallback' means no op ran in the per-example loop. Regenerate "
-        f"with `python -m pytest tests/test_opinfo_vmap.py -m slow`.",
+        f"in_dim=-1. {len(results)} OpInfos, {n_random} skipped as random (they draw random "
+        f"numbers or return uninitialized memory). An op is counted when the loop reference "
+        f"runs for at least one case; it matches when every case matches. 'Without fallback' "
+        f"means no op ran in the per-example loop. Regenerate with "
+        f"`python -m pytest tests/test_opinfo_vmap.py -m slow`.",
         "",
         "| sweep | ops | functransforms matched | without fallback | torch.func matched |",
         "|---|---|---|---|---|",

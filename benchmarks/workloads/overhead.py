@@ -31,8 +31,8 @@ def _vmap_grad(lib):
 
 
 def _jvp(lib):
-    ones = torch.ones(4)
-    return lambda x: lib.jvp(chain, (x,), (ones,))
+    ones, jvp = torch.ones(4), lib.jvp
+    return lambda x: jvp(chain, (x,), (ones,))
 
 
 # name -> (transform of a library, number of levels, batched input?)

@@ -1,5 +1,4 @@
 """Pytree helpers shared by the public transforms."""
-import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, _broadcast_to_and_flatten
 
 from ..core.wrapper import LevelTensor

@@ -4,7 +4,6 @@ import functools
 import torch
 
 from ..batching.interpreter import BatchedTensor, VmapInterpreter
-from ..core.levels import lowering
 from ..core.wrapper import LevelTensor
 from .pytree import broadcast_to_and_flatten, structure_repr, tree_flatten, tree_unflatten
 

@@ -5,7 +5,6 @@ warns, so a user can see which ops cost them a Python loop.
 """
 import warnings
 
-import torch
 
 _counts = {}
 _warned = set()

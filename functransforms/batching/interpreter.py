@@ -18,7 +18,12 @@ from torch._decomp import decomposition_table
 from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
-from ..core.wrapper import LevelTensor, mutated_arg_positions, tracked_below
+from ..core.wrapper import (
+    LevelTensor,
+    mutated_arg_positions,
+    returned_arg_positions,
+    needs_lowering,
+)
 from .fallback import note_fallback, op_name
 from .random_mode import RandomnessMode
 from .registry import BATCH_RULES
@@ -29,17 +34,7 @@ aten = torch.ops.aten
 class BatchedTensor(LevelTensor):
     @staticmethod
     def __new__(cls, value, level):
-        if value.is_contiguous():
-            self = torch.Tensor._make_wrapper_subclass(
-                cls, value.shape[1:], dtype=value.dtype, device=value.device
-            )
-        else:
-            self = torch.Tensor._make_wrapper_subclass(
-                cls, value.shape[1:], value.stride()[1:], dtype=value.dtype, device=value.device
-            )
-        self._value = value
-        self._level = level
-        return self
+        return LevelTensor._make(cls, value, level, value.shape[1:], value.stride()[1:])
 
     def __repr__(self, *, tensor_contents=None):
         return f"BatchedTensor(level={self._level.depth}, bdim=0, value={self._value!r})"
@@ -111,7 +106,7 @@ class VmapInterpreter(Interpreter):
                     bdims.append(0)
                 else:
                     bdims.append(None)
-                tracked = tracked or tracked_below(a)
+                tracked = tracked or needs_lowering(a)
                 values.append(a)
             elif type(a) in (list, tuple) and a and any(isinstance(b, LevelTensor) for b in a):
                 vs, ds = [], []
@@ -121,7 +116,7 @@ class VmapInterpreter(Interpreter):
                         ds.append(0)
                     else:
                         ds.append(None)
-                    tracked = tracked or (isinstance(b, torch.Tensor) and tracked_below(b))
+                    tracked = tracked or (isinstance(b, torch.Tensor) and needs_lowering(b))
                     vs.append(b)
                 values.append(type(a)(vs))
                 bdims.append(ds)
@@ -169,8 +164,14 @@ class VmapInterpreter(Interpreter):
                 a = [self.select_example(x, i) for x in args]
                 k = {n: self.select_example(v, i) for n, v in kwargs.items()} if kwargs else _NO_KWARGS
                 results.append(func(*a, **k))
-        if mutated:
-            return args[mutated[0]] if len(mutated) == 1 else tuple(args[i] for i in mutated)
+        returned = returned_arg_positions(func)
+        if returned:
+            stacked = self._stack_results(func, results) if None in returned else None
+            if len(returned) == 1:
+                return args[returned[0]] if returned[0] is not None else stacked
+            return tuple(
+                args[i] if i is not None else stacked[j] for j, i in enumerate(returned)
+            )
         return self._stack_results(func, results)
 
     def _stack_results(self, func, results):
@@ -193,11 +194,11 @@ class _NeedsFallback(Exception):
     pass
 
 
-def _rule_handler(rule, mutated):
+def _rule_handler(rule, mutated, returned):
     def handle(interp, func, args, kwargs):
         values, bdims, tracked = interp.unwrap_args(args)
-        for i in mutated:
-            if bdims[i] is None:
+        for i in returned:
+            if i is not None and bdims[i] is None:
                 raise RuntimeError(inplace_into_unbatched_message(func))
         try:
             if kwargs:
@@ -214,10 +215,14 @@ def _rule_handler(rule, mutated):
         except _NeedsFallback:
             # A rule may decline a case it cannot batch (e.g. a data-dependent shape).
             return interp.run_per_example(func, args, kwargs)
-        if mutated:
-            if len(mutated) == 1 and isinstance(out, torch.Tensor):
-                return args[mutated[0]]
-            return tuple(args[i] for i in mutated)
+        if returned:
+            # In-place and out= ops hand back the very wrapper they were given.
+            if len(returned) == 1:
+                if returned[0] is not None:
+                    return args[returned[0]]
+            else:
+                wrapped = interp.wrap_out(out, out_bdims)
+                return tuple(args[i] if i is not None else w for i, w in zip(returned, wrapped))
         if type(out) is torch.Tensor or isinstance(out, torch.Tensor):
             if out_bdims is None or (type(out_bdims) in (list, tuple) and out_bdims[0] is None):
                 return out
@@ -277,7 +282,7 @@ def _functional_twin(func):
 def _choose_handler(func):
     rule = BATCH_RULES.get(func)
     if rule is not None:
-        handler = _rule_handler(rule, mutated_arg_positions(func))
+        handler = _rule_handler(rule, mutated_arg_positions(func), returned_arg_positions(func))
     elif mutated_arg_positions(func) and func._schema.name.endswith("_"):
         twin = _functional_twin(func)
         if twin is not None and (twin in BATCH_RULES or _decomposition(twin) is not None):

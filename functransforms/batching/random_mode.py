@@ -34,6 +34,12 @@ def _has_level_tensor(args, kwargs):
 
 
 class RandomnessMode(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls):
+        # TorchDispatchMode wraps __torch_dispatch__ in a dynamo-disable shim by default; it
+        # cost several µs on every op under vmap, and this mode is never compiled.
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _has_level_tensor(args, kwargs):

@@ -14,7 +14,10 @@ When a level handles an op it runs the op again on the values one level down. Tw
 of thread-local state must be put right for that inner call:
   * PyTorch has removed the autograd dispatch keys before calling ``__torch_dispatch__``,
     so the inner call would record nothing. Lower grad levels (and plain torch autograd
-    around the whole transform) must record it, so the keys are re-enabled.
+    around the whole transform) must record it, so the keys are re-enabled. So are the
+    conjugate/negative/zero-tensor keys, which complex values and forward-AD zeros need.
+  * Re-enabling costs about as much as a cheap op, so interpreters skip it when no value
+    passed down needs it (see ``needs_lowering`` in core/wrapper.py).
   * Grad *mode*: a grad level's backward runs with grad mode off, yet the levels below
     must record what it computes. Each grad level remembers the grad mode that was in
     force when it was entered and restores it when lowering. This is how a ``no_grad``
@@ -25,11 +28,18 @@ import threading
 import torch
 from torch._C import DispatchKey
 
-_AUTOGRAD_KEYS = (
+# Keys PyTorch excludes before calling ``__torch_dispatch__`` that the levels below need
+# back: autograd (lower grad levels and plain autograd record there), and the lazy
+# conjugate/negative/zero-tensor handling (without it kernels would read a conj view's raw
+# data, or get a storage-less zero tensor).
+_RESTORED_KEYS = (
     DispatchKey.ADInplaceOrView,
     DispatchKey.AutogradFunctionality,
     DispatchKey.AutogradOther,
     DispatchKey.AutogradNestedTensor,
+    DispatchKey.Conjugate,
+    DispatchKey.Negative,
+    DispatchKey.ZeroTensor,
 )
 
 _local = threading.local()
@@ -50,19 +60,19 @@ def current_level():
 _exclude_cache = {}
 
 
-def _exclude_without_autograd(exclude):
+def _exclude_without_restored_keys(exclude):
     raw = exclude.raw_repr()
     cached = _exclude_cache.get(raw)
     if cached is None:
         cached = exclude
-        for key in _AUTOGRAD_KEYS:
+        for key in _RESTORED_KEYS:
             cached = cached.remove(key)
         _exclude_cache[raw] = cached
     return cached
 
 
 class lowering:
-    """Context for running ops one level down: autograd keys back on, grad mode set.
+    """Context for running ops one level down: excluded keys back on, grad mode set.
 
     ``grad_mode=None`` keeps the current grad mode (vmap and jvp levels do not touch it).
     """
@@ -75,7 +85,7 @@ class lowering:
     def __enter__(self):
         include = torch._C._dispatch_tls_local_include_set()
         exclude = torch._C._dispatch_tls_local_exclude_set()
-        self._key_guard = torch._C._ForceDispatchKeyGuard(include, _exclude_without_autograd(exclude))
+        self._key_guard = torch._C._ForceDispatchKeyGuard(include, _exclude_without_restored_keys(exclude))
         self._key_guard.__enter__()
         if self.grad_mode is not None:
             self._prev_grad_mode = torch.is_grad_enabled()

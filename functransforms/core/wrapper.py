@@ -29,17 +29,33 @@ class LevelTensor(torch.Tensor):
 
     @staticmethod
     def _make(cls, value, level, shape, strides, requires_grad=False):
-        self = torch.Tensor._make_wrapper_subclass(
-            cls,
-            shape,
-            strides=strides,
-            dtype=value.dtype,
-            device=value.device,
-            layout=value.layout,
-            requires_grad=requires_grad,
-        )
+        """A wrapper of ``cls`` around ``value`` with the given (logical) shape and strides.
+
+        Most values are contiguous, and letting torch derive contiguous strides is the
+        cheaper call; that matters because every op of every level allocates wrappers.
+        """
+        if value.layout is not torch.strided:
+            self = torch.Tensor._make_wrapper_subclass(
+                cls, shape, dtype=value.dtype, device=value.device, layout=value.layout,
+                requires_grad=requires_grad,
+            )
+        elif value.is_contiguous():
+            self = torch.Tensor._make_wrapper_subclass(
+                cls, shape, dtype=value.dtype, device=value.device, requires_grad=requires_grad
+            )
+        else:
+            self = torch.Tensor._make_wrapper_subclass(
+                cls, shape, strides, dtype=value.dtype, device=value.device,
+                requires_grad=requires_grad,
+            )
         self._value = value
         self._level = level
+        # Lazy conjugation/negation are flags on the tensor, read by composite ops (fft, eig
+        # backward) before they reach us: the wrapper must carry its value's flags.
+        if value.is_conj():
+            torch._C._set_conj(self, True)
+        if value.is_neg():
+            torch._C._set_neg(self, True)
         return self
 
     @classmethod
@@ -118,6 +134,12 @@ def _run_without_dead_wrappers(func, args, kwargs):
         return func(*args, **kwargs)
 
 
+def needs_lowering(t):
+    """Whether an op on ``t`` one level down must run under ``lowering``: some autograd
+    below tracks it, or it is complex or a zero tensor (lazy conj/neg/zero handling)."""
+    return t.is_complex() or t._is_zerotensor() or tracked_below(t)
+
+
 def tracked_below(t):
     """Whether some autograd below records ops on ``t``: its own flag or any value inside.
 
@@ -154,3 +176,29 @@ def mutated_arg_positions(func):
         )
         _mutation_cache[func] = positions
     return positions
+
+
+_returned_cache = {}
+
+
+def returned_arg_positions(func):
+    """For each return of a mutating op, the position of the argument it hands back (or None).
+
+    Only those arguments must belong to the level handling the op. Other written arguments
+    are side buffers (batch norm's running stats, rrelu's noise) that the op's rule deals
+    with; the op's real outputs are fresh tensors.
+    """
+    returned = _returned_cache.get(func)
+    if returned is None:
+        written = {}
+        for i, arg in enumerate(func._schema.arguments):
+            info = arg.alias_info
+            if info is not None and info.is_write and not arg.kwarg_only:
+                written.update((alias, i) for alias in info.before_set)
+        returned = _returned_cache[func] = tuple(
+            next((written[a] for a in r.alias_info.before_set if a in written), None)
+            if r.alias_info is not None and r.alias_info.is_write
+            else None
+            for r in func._schema.returns
+        )
+    return returned

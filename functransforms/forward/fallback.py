@@ -14,7 +14,6 @@ import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch._C import DispatchKey
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..core.levels import lowering
@@ -89,30 +88,10 @@ def general_jvp(level, func, args, kwargs):
     return tree_unflatten(wrapped, out_spec)
 
 
-# Inside __torch_dispatch__ these keys are excluded too, and ``lowering`` only restores the
-# autograd ones. torch's forward-AD formulas build zero tensors and lazy conj/neg views;
-# with their keys excluded, kernels would get storage-less zero tensors (a segfault, e.g.
-# linalg_solve_triangular) or ignore a negation bit (a silently wrong sign).
-_LAZY_KEYS = (DispatchKey.ZeroTensor, DispatchKey.Conjugate, DispatchKey.Negative)
-
-
-class _lazy_tensor_keys_enabled:
-    def __enter__(self):
-        exclude = torch._C._dispatch_tls_local_exclude_set()
-        for key in _LAZY_KEYS:
-            exclude = exclude.remove(key)
-        self._guard = torch._C._ForceDispatchKeyGuard(
-            torch._C._dispatch_tls_local_include_set(), exclude
-        )
-        self._guard.__enter__()
-
-    def __exit__(self, *exc):
-        self._guard.__exit__(*exc)
-        return False
-
-
 def _torch_forward_ad(func, primals, tangents, spec):
-    with _lazy_tensor_keys_enabled(), fwAD.dual_level():
+    # Runs under ``lowering`` (see general_jvp), which also restores the zero-tensor and
+    # conj/neg keys that forward-AD formulas rely on.
+    with fwAD.dual_level():
         duals = [
             p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents)
         ]

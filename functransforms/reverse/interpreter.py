@@ -26,7 +26,13 @@ from torch._C import DispatchKey
 from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
-from ..core.wrapper import LevelTensor, mutated_arg_positions, tracked_below, wrap_output
+from ..core.wrapper import (
+    LevelTensor,
+    mutated_arg_positions,
+    returned_arg_positions,
+    needs_lowering,
+    wrap_output,
+)
 
 aten = torch.ops.aten
 
@@ -36,25 +42,7 @@ _REWRAP_OPS = frozenset({aten.detach.default, aten.alias.default})
 class GradTensor(LevelTensor):
     @staticmethod
     def __new__(cls, value, level, requires_grad=False):
-        if value.is_contiguous():
-            self = torch.Tensor._make_wrapper_subclass(
-                cls, value.shape, dtype=value.dtype, device=value.device,
-                requires_grad=requires_grad,
-            )
-        else:
-            self = torch.Tensor._make_wrapper_subclass(
-                cls, value.shape, value.stride(), dtype=value.dtype, device=value.device,
-                requires_grad=requires_grad,
-            )
-        self._value = value
-        self._level = level
-        # Lazy conjugation/negation are flags on the tensor, read by composite ops (fft, eig
-        # backward) before they reach us: the wrapper must carry its value's flags.
-        if value.is_conj():
-            torch._C._set_conj(self, True)
-        if value.is_neg():
-            torch._C._set_neg(self, True)
-        return self
+        return LevelTensor._make(cls, value, level, value.shape, value.stride(), requires_grad)
 
     def __repr__(self, *, tensor_contents=None):
         return f"GradTensor(level={self._level.depth}, value={self._value!r})"
@@ -92,7 +80,7 @@ class GradInterpreter(Interpreter):
             return GradTensor(args[0]._value, self)
         mutated = mutated_arg_positions(func)
         if mutated:
-            returned = _returned_args(func)
+            returned = returned_arg_positions(func)
             for i in returned:
                 if i is not None and not (isinstance(args[i], LevelTensor) and args[i]._level is self):
                     raise RuntimeError(_captured_mutation_message(func))
@@ -104,17 +92,17 @@ class GradInterpreter(Interpreter):
             if isinstance(a, torch.Tensor):
                 if isinstance(a, LevelTensor) and a._level is self:
                     a = a._value
-                tracked = tracked or tracked_below(a)
+                tracked = tracked or needs_lowering(a)
             elif type(a) in (list, tuple):
                 a = type(a)(_unwrap(b, self) for b in a)
                 tracked = tracked or any(
-                    isinstance(b, torch.Tensor) and tracked_below(b) for b in a
+                    isinstance(b, torch.Tensor) and needs_lowering(b) for b in a
                 )
             values.append(a)
         if kwargs:
             kwargs = {k: _unwrap(v, self) for k, v in kwargs.items()}
             tracked = tracked or any(
-                isinstance(v, torch.Tensor) and tracked_below(v) for v in kwargs.values()
+                isinstance(v, torch.Tensor) and needs_lowering(v) for v in kwargs.values()
             )
         if tracked or mutated:
             with lowering(self.lowered_grad_mode()):
@@ -137,32 +125,6 @@ class GradInterpreter(Interpreter):
         if isinstance(out, torch.Tensor):
             return GradTensor(out, self)
         return wrap_output(out, lambda t: GradTensor(t, self))
-
-
-_returned_cache = {}
-
-
-def _returned_args(func):
-    """For each return of a mutating op, the position of the argument it hands back (or None).
-
-    Only those arguments must belong to this level. Other written arguments are side
-    buffers no gradient flows through (batch norm's running stats, rrelu's noise); as in
-    torch.func, captured ones may be written to.
-    """
-    returned = _returned_cache.get(func)
-    if returned is None:
-        written = {}
-        for i, arg in enumerate(func._schema.arguments):
-            info = arg.alias_info
-            if info is not None and info.is_write and not arg.kwarg_only:
-                written.update((alias, i) for alias in info.before_set)
-        returned = _returned_cache[func] = tuple(
-            next((written[a] for a in r.alias_info.before_set if a in written), None)
-            if r.alias_info is not None and r.alias_info.is_write
-            else None
-            for r in func._schema.returns
-        )
-    return returned
 
 
 def _sync_metadata(wrapper):

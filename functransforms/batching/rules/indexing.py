@@ -16,10 +16,7 @@ way the indexed result is laid out.
 import torch
 
 from ..interpreter import _NeedsFallback, inplace_into_unbatched_message
-from ..registry import (
-    batch_rule, ensure_batched, logical_rank, pad_to_rank, physical_dim, register_rule,
-)
-from .pointwise import pointwise_rule
+from ..registry import batch_rule, ensure_batched, logical_rank, pad_to_rank, physical_dim
 
 aten = torch.ops.aten
 
@@ -295,6 +292,8 @@ batch_rule(aten.index_fill.int_Scalar, aten.index_fill.int_Tensor)(_index_along_
 
 
 def _flat_offsets(index, numel, batch_size):
+    # Negative indices count from the end of their own example.
+    index = torch.where(index < 0, index + numel, index)
     shape = (batch_size,) + (1,) * (index.dim() - 1)
     return index + torch.arange(batch_size, device=index.device).view(shape) * numel
 
@@ -375,8 +374,16 @@ def masked_scatter_backward_rule(interp, func, args, bdims, kwargs):
     return out[:, :numel].reshape(batch_size, *sizes), 0
 
 
-# where(cond, a, b) reaches us as prims.where from PyTorch's reference decompositions.
-register_rule(torch.ops.prims.where.default, pointwise_rule)
+@batch_rule(torch.ops.prims.where.default)
+def prims_where_rule(interp, func, args, bdims, kwargs):
+    # where(cond, a, b) reaches us as prims.where from PyTorch's reference decompositions.
+    # Unlike aten.where it does not broadcast, so every tensor gets the full batched shape.
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    full = _broadcast_batched(interp.batch_size, *[(args[i], bdims[i]) for i in positions])
+    args = list(args)
+    for i, t in zip(positions, full):
+        args[i] = t
+    return func(*args, **kwargs), 0
 
 
 # ---------------------------------------------------------------------------------------

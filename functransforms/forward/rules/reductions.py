@@ -92,7 +92,7 @@ def gather_by_indices(func, primals, tangents, kwargs):
 
 @jvp_rule(aten._softmax.default)
 def softmax(func, primals, tangents, kwargs):
-    x, dim = primals[0], primals[1]
+    dim = primals[1]
     out = func(*primals, **kwargs)
     t = fit_tangent(tangents[0], out)
     return out, out * (t - (out * t).sum(dim, keepdim=True))
@@ -158,7 +158,7 @@ def var_mean(func, primals, tangents, kwargs):
 
 @jvp_rule(aten.native_dropout.default)
 def native_dropout(func, primals, tangents, kwargs):
-    x, p = primals[0], primals[1]
+    p = primals[1]
     out, mask = func(*primals, **kwargs)
     train = primals[2] if len(primals) > 2 else kwargs.get("train")
     if train is False or p == 0:
@@ -174,7 +174,7 @@ def prod(func, primals, tangents, kwargs):
     if not (out.is_floating_point() or out.is_complex()):
         return out, None
     if func is aten.prod.default:
-        dim, keepdim = None, False
+        keepdim = False
         flat_x, flat_t = x.reshape(-1), tangents[0].reshape(-1)
         dim_ = 0
     else:
