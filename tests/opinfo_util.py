@@ -117,13 +117,14 @@ class Case:
             label, build, batched, in_dims, reference)
 
     def run(self, transforms):
-        """None when ``transforms`` match the reference, else a short reason."""
+        """None when ``transforms`` match the reference, else 'error: ...' or 'mismatch: ...'."""
         try:
             fn = self.build(transforms.vjp)
             out = transforms.vmap(fn, in_dims=self.in_dims)(*self.batched)
         except Exception as e:
-            return short(e)
-        return _close(out, self.reference)
+            return f"error: {short(e)}"
+        reason = _close(out, self.reference)
+        return None if reason is None else f"mismatch: {reason}"
 
 
 def _make_case(label, build, examples, in_dim):
@@ -229,8 +230,8 @@ def vjp_cases(op, n_samples=3):
 def run_op(op, make_cases, transforms, fallback_counts=None, budget_s=6.0):
     """Run the cases of ``op`` under each of ``transforms`` ({name: Transforms}).
 
-    Returns ({name: 'pass' | 'skip' | reason}, whether 'ft' ran the loop fallback). The
-    fallback is read from ``fallback_counts`` (functransforms.fallback_counts).
+    Returns ({name: 'pass' | 'skip' | '<case>: error|mismatch: ...'}, whether 'ft' ran the
+    loop fallback). The fallback is read from ``fallback_counts``.
     """
     result = {name: "skip" for name in transforms}
     used_fallback = False
@@ -238,7 +239,7 @@ def run_op(op, make_cases, transforms, fallback_counts=None, budget_s=6.0):
     try:
         cases = list(make_cases(op))
     except Exception as e:
-        return {name: f"sample inputs failed: {short(e)}" for name in transforms}, False
+        return {name: f"error: sample inputs failed: {short(e)}" for name in transforms}, False
     for case in cases:
         for name, tr in transforms.items():
             if result[name] not in ("skip", "pass"):

@@ -128,7 +128,7 @@ def sweep():
                         started = None
             if started is None:
                 break
-            reason = f"crashed the process (exit code {proc.returncode})"
+            reason = f"error: crashed the process (exit code {proc.returncode})"
             results.setdefault(started["start"], {})[started["kind"]] = {
                 "ft": reason, "torch.func": "skip", "fallback": False, "fallback_ops": []}
             start = index[started["start"]] + 1
@@ -141,8 +141,11 @@ def summarize(results, kind):
     no_fallback = [k for k in ft_pass if not results[k][kind]["fallback"]]
     tf_counted = [k for k, r in results.items() if kind in r and r[kind]["torch.func"] != "skip"]
     tf_pass = [k for k in tf_counted if results[k][kind]["torch.func"] == "pass"]
+    failed = [results[k][kind]["ft"] for k in counted if k not in ft_pass]
     return {
         "ops": len(counted), "matched": len(ft_pass), "matched_without_fallback": len(no_fallback),
+        "mismatched": sum(": mismatch: " in f for f in failed),
+        "errored": sum(": mismatch: " not in f for f in failed),
         "torch.func ops": len(tf_counted), "torch.func matched": len(tf_pass),
     }
 
@@ -168,14 +171,16 @@ def write_report(results):
         f"means no op ran in the per-example loop. Regenerate with "
         f"`python -m pytest tests/test_opinfo_vmap.py -m slow`.",
         "",
-        "| sweep | ops | functransforms matched | without fallback | torch.func matched |",
-        "|---|---|---|---|---|",
+        "| sweep | ops | functransforms matched | without fallback | mismatch / error | "
+        "torch.func matched |",
+        "|---|---|---|---|---|---|",
     ]
     for kind, title in (("vmap", "vmap(op)"), ("vjp", "vmap(vjp(op))")):
         f = figures[kind]
         lines.append(
             f"| {title} | {f['ops']} | {f['matched']} ({_pct(f['matched'], f['ops'])}) | "
             f"{f['matched_without_fallback']} ({_pct(f['matched_without_fallback'], f['ops'])}) | "
+            f"{f['mismatched']} / {f['errored']} | "
             f"{f['torch.func matched']}/{f['torch.func ops']} "
             f"({_pct(f['torch.func matched'], f['torch.func ops'])}) |"
         )

@@ -2,6 +2,7 @@
 import torch
 
 from ..core.wrapper import LevelTensor
+from ..core.mode import adopting_new_tensors
 from ..forward.interpreter import JvpInterpreter
 from .pytree import tree_flatten, tree_unflatten
 
@@ -86,7 +87,9 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
             level.lift(p, t if t.dtype == p.dtype else t.to(p.dtype))
             for p, t in zip(flat_primals, flat_tangents)
         ]
-        output, aux = _split_aux(func(*tree_unflatten(duals, spec)), has_aux)
+        with adopting_new_tensors(level):
+            result = func(*tree_unflatten(duals, spec))
+        output, aux = _split_aux(result, has_aux)
         flat_out, out_spec = tree_flatten(output)
         values = []
         out_tangents = []

@@ -3,6 +3,7 @@ import functools
 
 import torch
 
+from ..core.mode import adopting_new_tensors
 from ..reverse.interpreter import GradInterpreter
 from .pytree import normalize_argnums, tree_flatten, tree_map, tree_unflatten, unwrap_tree
 
@@ -97,7 +98,9 @@ def grad_and_value(func, argnums=0, has_aux=False):
             diff = [_lift_inputs(level, args[i], api) for i in argnums_list]
             for i, d in zip(argnums_list, diff):
                 args[i] = d
-            output, aux = _split_aux(func(*args, **kwargs), has_aux, api)
+            with adopting_new_tensors(level):
+                result = func(*args, **kwargs)
+            output, aux = _split_aux(result, has_aux, api)
             _check_scalar_output(output, api)
             flat_diff, diff_spec = tree_flatten(diff)
             grads = _autograd_grad(level, [output], flat_diff)
@@ -138,7 +141,9 @@ def vjp(func, *primals, has_aux=False):
     level = GradInterpreter()
     with level, torch.enable_grad():
         lifted = _lift_inputs(level, primals, "vjp")
-        output, aux = _split_aux(func(*lifted), has_aux, "vjp")
+        with adopting_new_tensors(level):
+            result = func(*lifted)
+        output, aux = _split_aux(result, has_aux, "vjp")
         flat_out, out_spec = tree_flatten(output)
         for o in flat_out:
             if not isinstance(o, torch.Tensor):

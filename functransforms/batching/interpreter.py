@@ -11,8 +11,6 @@ How an op is served, fastest first (the choice is cached per op):
      come back through dispatch and meet their own rules;
   4. the per-example loop (batching/fallback.py), counted and warned about.
 """
-import threading
-
 import torch
 from torch._decomp import decomposition_table
 from torch.utils._mode_utils import no_dispatch
@@ -20,12 +18,13 @@ from torch.utils._mode_utils import no_dispatch
 from ..core.levels import Interpreter, lowering
 from ..core.wrapper import (
     LevelTensor,
+    aliasing_op,
     mutated_arg_positions,
     returned_arg_positions,
     needs_lowering,
 )
 from .fallback import note_fallback, op_name
-from .random_mode import RandomnessMode
+from ..core.mode import transform_mode_active
 from .registry import BATCH_RULES
 
 aten = torch.ops.aten
@@ -41,15 +40,6 @@ class BatchedTensor(LevelTensor):
 
 
 _NO_KWARGS = {}
-_thread = threading.local()
-
-
-def _local_modes():
-    modes = getattr(_thread, "modes", None)
-    if modes is None:
-        modes = _thread.modes = []
-    return modes
-
 
 class VmapInterpreter(Interpreter):
     kind = "vmap"
@@ -64,18 +54,16 @@ class VmapInterpreter(Interpreter):
 
     def __enter__(self):
         super().__enter__()
-        # See NOTE [Randomness] in random_mode.py; one mode serves all nested vmap levels.
+        # See NOTE [Randomness] in random_mode.py.
         self._mode = None
-        if self.randomness != "same" and not _local_modes():
-            self._mode = RandomnessMode()
+        if self.randomness != "same":
+            self._mode = transform_mode_active()
             self._mode.__enter__()
-            _local_modes().append(self._mode)
         return self
 
     def __exit__(self, *exc):
         try:
             if self._mode is not None:
-                _local_modes().pop()
                 self._mode.__exit__(*exc)
         finally:
             super().__exit__(*exc)
@@ -194,7 +182,10 @@ class _NeedsFallback(Exception):
     pass
 
 
-def _rule_handler(rule, mutated, returned):
+def _rule_handler(rule, func):
+    returned = returned_arg_positions(func)
+    aliasing = aliasing_op(func)
+
     def handle(interp, func, args, kwargs):
         values, bdims, tracked = interp.unwrap_args(args)
         for i in returned:
@@ -206,8 +197,8 @@ def _rule_handler(rule, mutated, returned):
         except _NeedsFallback:
             return interp.run_per_example(func, args, kwargs)
         try:
-            if tracked or mutated:
-                # Mutations always go through lowering so version counters are bumped.
+            if tracked or aliasing:
+                # See aliasing_op in core/wrapper.py for why views and mutations always do.
                 with lowering(None):
                     out, out_bdims = rule(interp, func, values, bdims, kwargs)
             else:
@@ -282,7 +273,7 @@ def _functional_twin(func):
 def _choose_handler(func):
     rule = BATCH_RULES.get(func)
     if rule is not None:
-        handler = _rule_handler(rule, mutated_arg_positions(func), returned_arg_positions(func))
+        handler = _rule_handler(rule, func)
     elif mutated_arg_positions(func) and func._schema.name.endswith("_"):
         twin = _functional_twin(func)
         if twin is not None and (twin in BATCH_RULES or _decomposition(twin) is not None):

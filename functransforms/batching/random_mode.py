@@ -5,55 +5,21 @@ A random op whose arguments include a BatchedTensor reaches the batching interpr
 any op (batching/rules/random.py). A random *factory* (``torch.rand(3)``,
 ``torch.randint(0, 5, (2,))``) or a random op on plain tensors has no batched argument, so
 it would run once and silently give every example the same draw. While a vmap level with
-randomness 'error' or 'different' is active we therefore push a dispatch mode that sees
-such ops:
+randomness 'error' or 'different' is active, the transform mode (core/mode.py) sends such
+ops here:
   * 'error' on any enclosing level: raise, naming the op and the two fixes;
   * 'different': draw once with the batch sizes of the 'different' levels in front and
     wrap the result level by level, outermost first;
   * 'same': the plain draw is already shared by every example, so nothing is done.
-Only ops tagged ``nondeterministic_seeded`` are touched; every other op passes straight
-through (one extra Python call per op while the mode is active).
+Only ops tagged ``nondeterministic_seeded`` come here.
 """
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.levels import level_stack
-from ..core.wrapper import LevelTensor
 from .fallback import op_name
 
-_SEEDED = torch.Tag.nondeterministic_seeded
 
-
-def _has_level_tensor(args, kwargs):
-    for a in args:
-        if isinstance(a, LevelTensor):
-            return True
-        if type(a) in (list, tuple) and any(isinstance(b, LevelTensor) for b in a):
-            return True
-    return any(isinstance(v, LevelTensor) for v in kwargs.values())
-
-
-class RandomnessMode(TorchDispatchMode):
-    @classmethod
-    def _should_skip_dynamo(cls):
-        # TorchDispatchMode wraps __torch_dispatch__ in a dynamo-disable shim by default; it
-        # cost several µs on every op under vmap, and this mode is never compiled.
-        return False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _has_level_tensor(args, kwargs):
-            # Straight to the wrappers, as if no mode were active. Re-dispatching would run
-            # autograd kernels that torch skipped on purpose: SavedVariable's detach comes
-            # from C++ without them, and a grad level must see it that way (NOTE [detach at
-            # a grad level] in reverse/interpreter.py).
-            return LevelTensor.__torch_dispatch__(func, types, args, kwargs)
-        if _SEEDED not in func.tags:
-            return func(*args, **kwargs)
-        return _unbatched_random(func, args, kwargs)
-
-
-def _unbatched_random(func, args, kwargs):
+def unbatched_random(func, args, kwargs):
     levels = [lvl for lvl in level_stack() if lvl.kind == "vmap"]
     for lvl in levels:
         if lvl.randomness == "error":

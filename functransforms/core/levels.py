@@ -107,6 +107,12 @@ class Interpreter:
     def __init__(self):
         self.depth = -1
         self.alive = False
+        # True while the user's function runs under this level and the level claims the
+        # tensors it creates (grad and jvp do; see NOTE [Ops no wrapper reaches]).
+        self.adopting = False
+
+    def adopt(self, tensor):
+        return tensor
 
     def process(self, func, args, kwargs):
         raise NotImplementedError

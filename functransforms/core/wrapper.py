@@ -134,6 +134,22 @@ def _run_without_dead_wrappers(func, args, kwargs):
         return func(*args, **kwargs)
 
 
+_aliasing_cache = {}
+
+
+def aliasing_op(func):
+    """Whether ``func`` returns a view of, or writes to, one of its arguments.
+
+    Such ops always run under ``lowering``, even when nothing below is tracked yet: the
+    ADInplaceOrView key records view relationships and bumps version counters, and a later
+    in-place write of a tracked value into the view must find its base (``buf[0] = x``).
+    """
+    aliasing = _aliasing_cache.get(func)
+    if aliasing is None:
+        aliasing = _aliasing_cache[func] = func.is_view or bool(mutated_arg_positions(func))
+    return aliasing
+
+
 def needs_lowering(t):
     """Whether an op on ``t`` one level down must run under ``lowering``: some autograd
     below tracks it, or it is complex or a zero tensor (lazy conj/neg/zero handling)."""

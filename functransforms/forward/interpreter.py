@@ -49,6 +49,11 @@ class JvpInterpreter(Interpreter):
     def lift(self, primal, tangent):
         return DualTensor(primal, tangent, self)
 
+    def adopt(self, tensor):
+        # A tensor the user's function creates: a dual with a zero tangent, so in-place
+        # writes of duals into it (buf[i] = x) carry their tangents.
+        return DualTensor(tensor, torch.zeros_like(tensor), self)
+
     def process(self, func, args, kwargs):
         handler = _HANDLERS.get(func)
         if handler is None:
@@ -136,9 +141,15 @@ def _inplace_via_functional(functional):
                 tangent = torch.zeros_like(target._value)
             elif tangent.dtype != target.dtype:
                 tangent = tangent.to(target.dtype)
-        # NOTE [In-place tangents are rebound]: the tangent is replaced, not written into,
-        # because a rule may hand back an input's tangent object (or a broadcast view of
-        # it) as its result's tangent; writing into it would corrupt another dual.
+            # NOTE [In-place tangents]: a view of a dual carries the same view of its
+            # tangent (forward/rules/linear.py), so a write through the view (buf[0] = x)
+            # must write into that tangent for the base to see it. Any other target gets its
+            # tangent rebound instead: a rule may hand back an input's tangent object as its
+            # result's tangent, and writing into it would corrupt another dual.
+            old = target._tangent
+            if target._value._base is not None and old is not None and old._base is not None:
+                old.copy_(tangent)
+                return target
         target._tangent = tangent
         return target
 

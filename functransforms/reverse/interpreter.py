@@ -28,6 +28,7 @@ from torch.utils._mode_utils import no_dispatch
 from ..core.levels import Interpreter, lowering
 from ..core.wrapper import (
     LevelTensor,
+    aliasing_op,
     mutated_arg_positions,
     returned_arg_positions,
     needs_lowering,
@@ -73,6 +74,9 @@ class GradInterpreter(Interpreter):
     def lift(self, value, requires_grad):
         return GradTensor(value, self, requires_grad)
 
+    def adopt(self, tensor):
+        return GradTensor(tensor, self)
+
     def process(self, func, args, kwargs):
         if func in _REWRAP_OPS and not torch._C._dispatch_tls_is_dispatch_key_excluded(
             DispatchKey.AutogradFunctionality
@@ -104,7 +108,7 @@ class GradInterpreter(Interpreter):
             tracked = tracked or any(
                 isinstance(v, torch.Tensor) and needs_lowering(v) for v in kwargs.values()
             )
-        if tracked or mutated:
+        if tracked or aliasing_op(func):
             with lowering(self.lowered_grad_mode()):
                 out = func._op(*values, **kwargs)
         else:

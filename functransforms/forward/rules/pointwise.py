@@ -297,8 +297,7 @@ _NONDIFF_NAMES = (
     "eq ne lt le gt ge logical_and logical_or logical_xor logical_not bitwise_and bitwise_or "
     "bitwise_xor bitwise_not bitwise_left_shift bitwise_right_shift isnan isinf isfinite "
     "isposinf isneginf isreal signbit __and__ __or__ __xor__ __lshift__ __rshift__ "
-    "argmax argmin ones_like zeros_like empty_like full_like rand_like randn_like "
-    "randint_like new_zeros new_ones new_empty new_full new_empty_strided bernoulli "
+    "argmax argmin rand_like randn_like randint_like bernoulli "
     "nonzero searchsorted bucketize count_nonzero _local_scalar_dense detach is_nonzero "
     "equal allclose isclose any all histc bincount eye multinomial heaviside "
     "gcd lcm floor_divide _unique2 unique_dim unique_consecutive sym_size sym_stride "
@@ -310,3 +309,18 @@ for _name in _NONDIFF_NAMES:
     if _packet is not None:
         register_rule(_packet, no_tangent)
 register_rule(aten.fill.Scalar, no_tangent)
+
+
+def fresh_buffer(func, primals, tangents, kwargs):
+    """``new_zeros(x)``, ``empty_like(x)``, ...: values that don't depend on ``x``, but
+    buffers that code (autograd's own backward formulas too) writes duals into next. A
+    zero tangent, not a bare primal, lets those in-place writes carry their tangents."""
+    out = func(*primals, **kwargs)
+    if out.is_floating_point() or out.is_complex():
+        return out, torch.zeros_like(out)
+    return out, None
+
+
+for _name in ("ones_like zeros_like empty_like full_like new_zeros new_ones new_empty "
+              "new_full new_empty_strided empty_strided").split():
+    register_rule(getattr(aten, _name), fresh_buffer)

@@ -1,0 +1,121 @@
+"""The one dispatch mode transforms push: it sees the ops that no wrapper reaches.
+
+NOTE [Ops no wrapper reaches]
+Dispatch on wrappers only sees ops that have a wrapper among their arguments. Two kinds of
+op matter to a transform without one:
+  * random ops inside vmap (``torch.rand(3)``): see NOTE [Randomness] in
+    batching/random_mode.py;
+  * factories inside ``f`` under grad or jvp (``buf = torch.zeros(3); buf[0] = x``): as in
+    torch.func, a floating-point tensor created by the user's function belongs to the
+    innermost transform, so later in-place writes of that level's values into it are
+    recorded instead of refused as writes into a captured tensor.
+While either can happen (a vmap level with randomness other than 'same' is alive, or a
+grad/jvp level is running the user's function) this mode is on the mode stack. Ops with
+wrapper arguments go straight to ``LevelTensor.__torch_dispatch__``, as if no mode were
+active; the cost is one Python call per op.
+"""
+import threading
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .levels import level_stack
+from .wrapper import LevelTensor
+
+_SEEDED = torch.Tag.nondeterministic_seeded
+_local = threading.local()
+
+
+def _has_level_tensor(args, kwargs):
+    for a in args:
+        if isinstance(a, LevelTensor):
+            return True
+        if type(a) in (list, tuple) and any(isinstance(b, LevelTensor) for b in a):
+            return True
+    return any(isinstance(v, LevelTensor) for v in kwargs.values())
+
+
+def _has_tensor(args, kwargs):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return True
+        if type(a) in (list, tuple) and any(isinstance(b, torch.Tensor) for b in a):
+            return True
+    return any(isinstance(v, torch.Tensor) for v in kwargs.values())
+
+
+class TransformMode(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls):
+        # TorchDispatchMode wraps __torch_dispatch__ in a dynamo-disable shim by default; it
+        # cost several µs on every op, and this mode is never compiled.
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _has_level_tensor(args, kwargs):
+            # Re-dispatching would run autograd kernels that torch skipped on purpose:
+            # SavedVariable's detach comes from C++ without them, and a grad level must see
+            # it that way (NOTE [detach at a grad level] in reverse/interpreter.py).
+            return LevelTensor.__torch_dispatch__(func, types, args, kwargs)
+        if _SEEDED in func.tags:
+            from ..batching.random_mode import unbatched_random
+
+            out = unbatched_random(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
+        if not _has_tensor(args, kwargs):
+            # Every grad/jvp level whose user function is running claims it, outermost
+            # first, as a lower level's value must be wrapped before a higher one's.
+            for level in level_stack():
+                if level.adopting:
+                    out = _adopt(level, out)
+        return out
+
+
+def _adopt(level, out):
+    if isinstance(out, torch.Tensor):
+        return level.adopt(out) if out.is_floating_point() or out.is_complex() else out
+    if type(out) in (tuple, list):
+        return type(out)(_adopt(level, o) for o in out)
+    return out
+
+
+class transform_mode_active:
+    """Keep one TransformMode on the mode stack for as long as any holder needs it."""
+
+    __slots__ = ("_mode",)
+
+    def __enter__(self):
+        self._mode = None
+        if getattr(_local, "mode", None) is None:
+            self._mode = _local.mode = TransformMode()
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._mode is not None:
+            _local.mode = None
+            self._mode.__exit__(*exc)
+        return False
+
+
+class adopting_new_tensors:
+    """While the user's function runs under ``level``, tensors it creates belong to it."""
+
+    __slots__ = ("_level", "_previous", "_mode")
+
+    def __init__(self, level):
+        self._level = level
+
+    def __enter__(self):
+        self._previous = self._level.adopting
+        self._level.adopting = True
+        self._mode = transform_mode_active()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._level.adopting = self._previous
+        self._mode.__exit__(*exc)
+        return False
