@@ -33,6 +33,14 @@ aten = torch.ops.aten
 class BatchedTensor(LevelTensor):
     @staticmethod
     def __new__(cls, value, level):
+        if value.layout is torch.strided and value.is_contiguous() and not value.is_complex():
+            # The common case, without the general constructor's checks (the hot path).
+            self = torch.Tensor._make_wrapper_subclass(
+                cls, value.shape[1:], dtype=value.dtype, device=value.device
+            )
+            self._value = value
+            self._level = level
+            return self
         return LevelTensor._make(cls, value, level, value.shape[1:], value.stride()[1:])
 
     def __repr__(self, *, tensor_contents=None):
@@ -111,7 +119,7 @@ class VmapInterpreter(Interpreter):
             else:
                 values.append(a)
                 bdims.append(None)
-        return values, bdims, tracked and torch.is_grad_enabled()
+        return values, bdims, tracked
 
     def _unwrap_kwarg(self, name, v):
         if isinstance(v, LevelTensor) and v._level is self:

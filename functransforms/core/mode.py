@@ -20,19 +20,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .levels import level_stack
-from .wrapper import LevelTensor
+from .wrapper import innermost_level, run_without_dead_wrappers
 
 _SEEDED = torch.Tag.nondeterministic_seeded
 _local = threading.local()
-
-
-def _has_level_tensor(args, kwargs):
-    for a in args:
-        if isinstance(a, LevelTensor):
-            return True
-        if type(a) in (list, tuple) and any(isinstance(b, LevelTensor) for b in a):
-            return True
-    return any(isinstance(v, LevelTensor) for v in kwargs.values())
 
 
 def _has_tensor(args, kwargs):
@@ -53,11 +44,15 @@ class TransformMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _has_level_tensor(args, kwargs):
-            # Re-dispatching would run autograd kernels that torch skipped on purpose:
-            # SavedVariable's detach comes from C++ without them, and a grad level must see
-            # it that way (NOTE [detach at a grad level] in reverse/interpreter.py).
-            return LevelTensor.__torch_dispatch__(func, types, args, kwargs)
+        level = innermost_level(args, kwargs)
+        if level is not None:
+            # Straight to the level, as LevelTensor.__torch_dispatch__ would: re-dispatching
+            # would run autograd kernels that torch skipped on purpose (SavedVariable's
+            # detach comes from C++ without them, and a grad level must see it that way:
+            # NOTE [detach at a grad level] in reverse/interpreter.py).
+            if not level.alive:
+                return run_without_dead_wrappers(func, args, kwargs)
+            return level.process(func, args, kwargs)
         if _SEEDED in func.tags:
             from ..batching.random_mode import unbatched_random
 

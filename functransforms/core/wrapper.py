@@ -51,18 +51,20 @@ class LevelTensor(torch.Tensor):
         self._value = value
         self._level = level
         # Lazy conjugation/negation are flags on the tensor, read by composite ops (fft, eig
-        # backward) before they reach us: the wrapper must carry its value's flags.
-        if value.is_conj():
-            torch._C._set_conj(self, True)
-        if value.is_neg():
-            torch._C._set_neg(self, True)
+        # backward) before they reach us: the wrapper must carry its value's flags. Only
+        # complex values carry them.
+        if value.is_complex():
+            if value.is_conj():
+                torch._C._set_conj(self, True)
+            if value.is_neg():
+                torch._C._set_neg(self, True)
         return self
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         level = innermost_level(args, kwargs)
         if not level.alive:
-            return _run_without_dead_wrappers(func, args, kwargs)
+            return run_without_dead_wrappers(func, args, kwargs)
         return level.process(func, args, kwargs if kwargs is not None else {})
 
     def __repr__(self, *, tensor_contents=None):
@@ -125,7 +127,7 @@ def _strip_dead(x):
     return x
 
 
-def _run_without_dead_wrappers(func, args, kwargs):
+def run_without_dead_wrappers(func, args, kwargs):
     # A wrapper outlived its transform (kept in a graph or a global). It stands for its
     # value from now on.
     args = tree_map(_strip_dead, args)
@@ -153,7 +155,9 @@ def aliasing_op(func):
 def needs_lowering(t):
     """Whether an op on ``t`` one level down must run under ``lowering``: some autograd
     below tracks it, or it is complex or a zero tensor (lazy conj/neg/zero handling)."""
-    return t.is_complex() or t._is_zerotensor() or tracked_below(t)
+    if t.requires_grad or t.is_complex() or t._is_zerotensor():
+        return True
+    return isinstance(t, LevelTensor) and tracked_below(t._value)
 
 
 def tracked_below(t):
