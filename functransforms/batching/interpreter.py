@@ -148,6 +148,14 @@ class VmapInterpreter(Interpreter):
         return x
 
     def run_per_example(self, func, args, kwargs):
+        if func.is_view:
+            # Stacking per-example results makes a copy, so writes through the "view" would
+            # be lost: refuse rather than return a silently detached tensor.
+            raise RuntimeError(
+                f"vmap: there is no batching rule for the view operation aten::{op_name(func)}, "
+                f"and running it once per example cannot return a view. Use the op's *_copy "
+                f"variant or an out-of-place formulation."
+            )
         note_fallback(func)
         check_random(self, func)
         mutated = mutated_arg_positions(func)

@@ -238,6 +238,14 @@ def alias(interp, func, args, bdims, kwargs):
     return func(args[0]), 0
 
 
+@batch_rule(aten.view_as_real.default, aten.view_as_complex.default,
+            aten._conj.default, aten._neg_view.default, aten.view_as_real_copy.default,
+            aten.view_as_complex_copy.default, aten._neg_view_copy.default)
+def trailing_dims_only(interp, func, args, bdims, kwargs):
+    # These reinterpret (or lazily flip) elements and the last dim, never the leading one.
+    return func(*args, **kwargs), 0
+
+
 @batch_rule(aten.constant_pad_nd.default)
 def constant_pad(interp, func, args, bdims, kwargs):
     # Padding applies to the trailing dims; the batch dim must stay out of its reach.
