@@ -38,7 +38,7 @@ class TestErrors(expecttest.TestCase):
 
     def test_tolist_under_vmap(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: torch.tensor(x.tolist()))(X))
-        self.assertExpectedInline(msg, """.tolist() is not supported for tensor subclasses, got BatchedTensor""")
+        self.assertExpectedInline(msg, """vmap: .tolist() would turn a batched tensor into Python numbers, but every example has its own values. Keep the computation in tensors, or return the tensor from the vmapped function and call .tolist() on the result.""")
 
     def test_inplace_into_unbatched(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: torch.zeros(()).add_(x))(X))

@@ -46,6 +46,17 @@ class BatchedTensor(LevelTensor):
     def __repr__(self, *, tensor_contents=None):
         return f"BatchedTensor(level={self._level.depth}, bdim=0, value={self._value!r})"
 
+    def tolist(self):
+        # torch refuses .tolist() on any subclass before dispatch, with a message that does
+        # not say why or what to do; under vmap the reason is the same as for .item().
+        if self._level.alive:
+            raise RuntimeError(
+                "vmap: .tolist() would turn a batched tensor into Python numbers, but every "
+                "example has its own values. Keep the computation in tensors, or return the "
+                "tensor from the vmapped function and call .tolist() on the result."
+            )
+        return self._value.tolist()
+
 
 _NO_KWARGS = {}
 

@@ -83,8 +83,11 @@ def linear_rule(positions, constants=()):
         out = func(*primals, **kwargs)
         if single:
             t = tangents[0]
-            if t is None:
+            if _missing(t):
                 return out, None
+            if type(t) is list:
+                # cat/stack of tensors some of which carry no tangent
+                t = _tangent_or_zeros(primals[0], t)
             return out, _fit_all(out, func(t, *primals[1:], **kwargs))
         args = list(primals)
         if all(_missing(tangents[i]) for i in positions):

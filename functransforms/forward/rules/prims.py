@@ -63,3 +63,23 @@ def frexp(func, primals, tangents, kwargs):
 for _name in ("eq ne lt le gt ge isfinite bitwise_and bitwise_or bitwise_xor bitwise_not "
               "full_like fill item signbit").split():
     register_rule(getattr(prims, _name), no_tangent)
+
+
+@jvp_rule(prims.prod.default)
+def prod(func, primals, tangents, kwargs):
+    """d prod(x) = sum_i t_i * prod_{j != i} x_j, with the products of the others taken as
+    exclusive prefix times suffix products, so zeros in ``x`` are handled exactly."""
+    x, dims = primals[0], primals[1]
+    out = func(*primals, **kwargs)
+    t = tangents[0]
+    if t is None or x.dim() == 0 or not dims:
+        return out, None if t is None else t.to(out.dtype)
+    reduced = sorted(d % x.dim() for d in dims)
+    kept = [d for d in range(x.dim()) if d not in reduced]
+    shape = [x.shape[d] for d in kept] + [-1]
+    xs = x.permute(kept + reduced).reshape(shape)
+    ts = t.permute(kept + reduced).reshape(shape)
+    ones = torch.ones_like(xs[..., :1])
+    before = torch.cat([ones, xs[..., :-1]], -1).cumprod(-1)
+    after = torch.cat([xs[..., 1:], ones], -1).flip(-1).cumprod(-1).flip(-1)
+    return out, (ts * before * after).sum(-1).to(out.dtype)
