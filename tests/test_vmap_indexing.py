@@ -245,8 +245,7 @@ vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python num
 
     def test_tolist(self):
         # PyTorch refuses .tolist() on any tensor subclass before it reaches vmap.
-        self.assertExpectedInline(self._error(lambda x: x.tolist(), X), """\
-.tolist() is not supported for tensor subclasses, got BatchedTensor""")
+        self.assertExpectedInline(self._error(lambda x: x.tolist(), X), """vmap: .tolist() would turn a batched tensor into Python numbers, but every example has its own values. Keep the computation in tensors, or return the tensor from the vmapped function and call .tolist() on the result.""")
 
     def test_dynamic_shape(self):
         self.assertExpectedInline(self._error(lambda x: x.nonzero(), X), """\

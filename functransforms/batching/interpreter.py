@@ -12,10 +12,10 @@ How an op is served, fastest first (the choice is cached per op):
   4. the per-example loop (batching/fallback.py), counted and warned about.
 """
 import torch
-from torch._decomp import decomposition_table
 from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
+from ..core.ops import decomposition, functional_twin
 from ..core.wrapper import (
     LevelTensor,
     aliasing_op,
@@ -284,45 +284,21 @@ def _loop_handler(interp, func, args, kwargs):
 _HANDLERS = {}
 
 
-def _functional_twin(func):
-    name = func._schema.name.split("::")[-1]
-    if not name.endswith("_") or name.startswith("_"):
-        return None
-    packet = getattr(aten, name[:-1], None)
-    if packet is None:
-        return None
-    twin = getattr(packet, func._overloadname, None)
-    if twin is None or len(twin._schema.arguments) != len(func._schema.arguments):
-        return None
-    return twin
-
-
 def _choose_handler(func):
     rule = BATCH_RULES.get(func)
     if rule is not None:
         handler = _rule_handler(rule, func)
     elif mutated_arg_positions(func) and func._schema.name.endswith("_"):
-        twin = _functional_twin(func)
-        if twin is not None and (twin in BATCH_RULES or _decomposition(twin) is not None):
+        twin = functional_twin(func)
+        if twin is not None and (twin in BATCH_RULES or decomposition(twin) is not None):
             handler = _inplace_via_functional(twin)
         else:
             handler = _loop_handler
     else:
-        decomp = _decomposition(func)
+        decomp = decomposition(func)
         handler = _decomposition_handler(decomp) if decomp is not None else _loop_handler
     _HANDLERS[func] = handler
     return handler
-
-
-def _decomposition(func):
-    if torch.Tag.nondeterministic_seeded in func.tags:
-        return None
-    decomp = decomposition_table.get(func)
-    if decomp is not None:
-        return decomp
-    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
-        return func.decompose
-    return None
 
 
 def refresh_handlers():

@@ -18,10 +18,10 @@ How an op is served, fastest first (the choice is cached per op):
   4. the general fallback (forward/fallback.py), counted and warned about.
 """
 import torch
-from torch._decomp import decomposition_table
 from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
+from ..core.ops import decomposition, functional_twin
 from ..core.wrapper import LevelTensor, mutated_arg_positions
 from .fallback import general_jvp, op_name
 from .registry import JVP_RULES
@@ -197,19 +197,6 @@ def _fallback_handler(interp, func, args, kwargs):
 _HANDLERS = {}
 
 
-def _functional_twin(func):
-    name = func._schema.name.split("::")[-1]
-    if not name.endswith("_") or name.startswith("_"):
-        return None
-    packet = getattr(aten, name[:-1], None)
-    if packet is None:
-        return None
-    twin = getattr(packet, func._overloadname, None)
-    if twin is None or len(twin._schema.arguments) != len(func._schema.arguments):
-        return None
-    return twin
-
-
 _INPLACE_TWINS = {aten.copy_.default: aten.copy.default}
 
 
@@ -217,28 +204,17 @@ def _choose_handler(func):
     rule = JVP_RULES.get(func)
     if rule is not None and not mutated_arg_positions(func):
         handler = _rule_handler(rule)
-    elif torch.Tag.inplace_view in func.tags and _functional_twin(func) is not None:
-        handler = _inplace_view(_functional_twin(func))
+    elif torch.Tag.inplace_view in func.tags and functional_twin(func) is not None:
+        handler = _inplace_view(functional_twin(func))
     elif mutated_arg_positions(func) and (
-        func in _INPLACE_TWINS or (_functional_twin(func) and len(mutated_arg_positions(func)) == 1)
+        func in _INPLACE_TWINS or (functional_twin(func) and len(mutated_arg_positions(func)) == 1)
     ):
-        handler = _inplace_via_functional(_INPLACE_TWINS.get(func) or _functional_twin(func))
+        handler = _inplace_via_functional(_INPLACE_TWINS.get(func) or functional_twin(func))
     else:
-        decomp = _decomposition(func)
+        decomp = decomposition(func)
         handler = _decomposition_handler(decomp) if decomp is not None else _fallback_handler
     _HANDLERS[func] = handler
     return handler
-
-
-def _decomposition(func):
-    if torch.Tag.nondeterministic_seeded in func.tags:
-        return None
-    decomp = decomposition_table.get(func)
-    if decomp is not None:
-        return decomp
-    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
-        return func.decompose
-    return None
 
 
 def refresh_handlers():

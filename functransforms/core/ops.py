@@ -1,0 +1,35 @@
+"""Facts about aten ops that every interpreter's choice of handler relies on."""
+import torch
+from torch._decomp import decomposition_table
+
+aten = torch.ops.aten
+
+
+def functional_twin(func):
+    """``aten.add.Tensor`` for ``aten.add_.Tensor``: the out-of-place op with the same schema."""
+    name = func._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    if packet is None:
+        return None
+    twin = getattr(packet, func._overloadname, None)
+    if twin is None or len(twin._schema.arguments) != len(func._schema.arguments):
+        return None
+    return twin
+
+
+def decomposition(func):
+    """A Python decomposition of ``func`` into other aten ops, if torch has one.
+
+    Random ops are never decomposed: their draws must stay one op that randomness handling
+    can see.
+    """
+    if torch.Tag.nondeterministic_seeded in func.tags:
+        return None
+    decomp = decomposition_table.get(func)
+    if decomp is not None:
+        return decomp
+    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+        return func.decompose
+    return None
