@@ -28,13 +28,19 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 import functransforms as ft  # noqa: E402
-from workloads import ensembling, jacobians, memory, overhead, per_sample_grads  # noqa: E402
+from workloads import (  # noqa: E402
+    ensembling, forward_mode, grad_micro, jacobian_shapes, jacobians, memory, overhead,
+    per_sample_grads,
+)
 from workloads.harness import ORACLE, OURS, Settings, peer_versions  # noqa: E402
 
 FAMILIES = {
     "per_sample_grads": per_sample_grads,
     "ensembling": ensembling,
     "jacobians": jacobians,
+    "jacobian_shapes": jacobian_shapes,
+    "forward_mode": forward_mode,
+    "grad_micro": grad_micro,
     "overhead": overhead,
     "memory": memory,
 }

@@ -32,6 +32,11 @@ Ensemble of 10 MLPs
 jacrev of a 3-layer tanh MLP R^w -> R^w w.r.t. its input
 jacfwd of a 3-layer tanh MLP R^w -> R^w w.r.t. its input
 hessian of a 3-layer tanh MLP R^w -> R^w w.r.t. its input
+jacrev and jacfwd of a tanh layer R^n -> R^m
+Peak memory: jacrev of a tanh layer R^8 -> R^64
+Hessian-vector product of an MLP's nll loss w.r.t. its parameters
+jacfwd of a tanh MLP R^8 -> R^32 w.r.t. its input
+grad of a tiny function and of a 0.92M-parameter MLP loss
 Per-op overhead on a chain of 20 tiny ops
 Peak memory: per-sample gradients
 Peak memory: jacrev of the tanh MLP at width 64""")

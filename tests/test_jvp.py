@@ -312,3 +312,25 @@ During a jvp transform, the function called the in-place operation aten::add_.Te
         _, jvp_fn = ft.linearize(torch.sin, rand(3))
         self.assert_error(lambda: jvp_fn(rand(4)), """\
 linearize: jvp_fn expects each tangent to be a Tensor shaped like its primal (3,), got (4,).""")
+
+
+def test_hvp_through_backward_formulas_has_direct_rules():
+    # jvp(grad(f)) pushes tangents through autograd's backward formulas; the common ones
+    # (threshold_backward, nll_loss_backward, softmax/log_softmax backward) have rules.
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    p = {"w1": torch.randn(20, 16, dtype=torch.float64), "w2": torch.randn(16, 5, dtype=torch.float64)}
+    x, y = torch.randn(8, 20, dtype=torch.float64), torch.randint(0, 5, (8,))
+
+    def loss(p):
+        h = torch.relu(x @ p["w1"])
+        return F.nll_loss(F.log_softmax(h @ p["w2"], -1), y) + F.softmax(h, -1).sum() * 0.1
+
+    v = {k: torch.randn_like(t) for k, t in p.items()}
+    ft.reset_jvp_fallback_counts()
+    ours = ft.jvp(ft.grad(loss), (p,), (v,))[1]
+    theirs = torch.func.jvp(torch.func.grad(loss), (p,), (v,))[1]
+    for k in p:
+        torch.testing.assert_close(ours[k], theirs[k])
+    assert ft.jvp_fallback_counts() == {}

@@ -51,6 +51,10 @@ LINEAR = {
     aten.upsample_trilinear3d: _SELF, aten._upsample_nearest_exact1d: _SELF,
     aten._upsample_nearest_exact2d: _SELF, aten._upsample_nearest_exact3d: _SELF,
     aten.embedding: _SELF,
+    # backward formulas that are linear in the incoming gradient (jvp of grad: Hessian-vector
+    # products); their other arguments only select or shape
+    aten.threshold_backward: _SELF, aten.nll_loss_backward: _SELF,
+    aten.nll_loss2d_backward: _SELF,
     # several linear inputs
     aten.cat: (0,), aten.stack: (0,), aten.hstack: (0,), aten.vstack: (0,),
     aten.select_scatter: (0, 1), aten.slice_scatter: (0, 1), aten.diagonal_scatter: (0, 1),

@@ -44,6 +44,7 @@ UNARY = {
     aten.rsqrt: lambda x, out: -0.5 * out * out * out,
     aten.sqrt: lambda x, out: 0.5 / out,
     aten.sigmoid: lambda x, out: out * (1 - out),
+    aten.relu: lambda x, out: (out > 0).to(out.dtype),
     aten.erf: lambda x, out: _TWO_OVER_SQRT_PI * (-x * x).exp(),
     aten.erfc: lambda x, out: -_TWO_OVER_SQRT_PI * (-x * x).exp(),
     aten.erfinv: lambda x, out: (math.sqrt(math.pi) / 2) * (out * out).exp(),

@@ -193,3 +193,34 @@ def prod(func, primals, tangents, kwargs):
     after = torch.cat([flat_x.narrow(dim_, 1, n - 1), ones], dim_).flip(dim_).cumprod(dim_).flip(dim_)
     t = (flat_t * before * after).sum(dim_, keepdim=keepdim)
     return out, fit_tangent(t, out)
+
+
+@jvp_rule(aten._log_softmax_backward_data.default)
+def log_softmax_backward(func, primals, tangents, kwargs):
+    # grad_input = g - exp(y) * sum(g): linear in g, and y enters through exp(y).
+    g, y, dim = primals[0], primals[1], primals[2]
+    out = func(*primals, **kwargs)
+    t_g, t_y = tangents[0], tangents[1]
+    softmax = y.exp()
+    tangent = None
+    if t_g is not None:
+        tangent = func(t_g, y, *primals[2:], **kwargs)
+    if t_y is not None:
+        term = -softmax * t_y * g.sum(dim, keepdim=True)
+        tangent = term if tangent is None else tangent + term
+    return out, fit_tangent(tangent, out)
+
+
+@jvp_rule(aten._softmax_backward_data.default)
+def softmax_backward(func, primals, tangents, kwargs):
+    # grad_input = y * (g - sum(g * y)): bilinear in (g, y).
+    g, y, dim = primals[0], primals[1], primals[2]
+    out = func(*primals, **kwargs)
+    t_g, t_y = tangents[0], tangents[1]
+    tangent = None
+    if t_g is not None:
+        tangent = func(t_g, y, *primals[2:], **kwargs)
+    if t_y is not None:
+        term = t_y * (g - (g * y).sum(dim, keepdim=True)) - y * (g * t_y).sum(dim, keepdim=True)
+        tangent = term if tangent is None else tangent + term
+    return out, fit_tangent(tangent, out)
