@@ -152,7 +152,7 @@ def _vmap_chunked(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, 
             _vmap_once(func, chunk_args, flat_in_dims, args_spec, kwargs, length, in_dims,
                        out_dims, randomness)
         )
-    flat_first, out_spec = tree_flatten(chunk_outputs[0])
+    _, out_spec = tree_flatten(chunk_outputs[0])
     flat_out_dims = broadcast_to_and_flatten(out_dims, out_spec)
     flat_chunks = [tree_flatten(c)[0] for c in chunk_outputs]
     merged = []

@@ -33,7 +33,3 @@ def note_fallback(func):
             f"in a Python loop. Results are correct but slow.",
             stacklevel=2,
         )
-
-
-class BatchedInplaceError(RuntimeError):
-    pass

@@ -301,11 +301,6 @@ def _choose_handler(func):
     return handler
 
 
-def refresh_handlers():
-    """Forget cached choices (after rules are registered late, e.g. by tests)."""
-    _HANDLERS.clear()
-
-
 def check_random(interp, func):
     if torch.Tag.nondeterministic_seeded in func.tags and interp.randomness == "error":
         raise RuntimeError(

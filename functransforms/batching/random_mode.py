@@ -8,8 +8,9 @@ it would run once and silently give every example the same draw. While a vmap le
 randomness 'error' or 'different' is active, the transform mode (core/mode.py) sends such
 ops here:
   * 'error' on any enclosing level: raise, naming the op and the two fixes;
-  * 'different': draw once with the batch sizes of the 'different' levels in front and
-    wrap the result level by level, outermost first;
+  * 'different': factories draw with the level's batch size in front
+    (rules/random.py:random_factory, which also handles randperm); random ops on plain
+    tensors draw with their inputs expanded to the batch sizes of the 'different' levels;
   * 'same': the plain draw is already shared by every example, so nothing is done.
 Only ops tagged ``nondeterministic_seeded`` come here.
 """
@@ -17,10 +18,17 @@ import torch
 
 from ..core.levels import level_stack
 from .fallback import op_name
+from .rules.random import random_factory
 
 
 def unbatched_random(func, args, kwargs):
-    levels = [lvl for lvl in level_stack() if lvl.kind == "vmap"]
+    levels = [lvl for lvl in level_stack() if lvl.kind == "vmap" and lvl.alive]
+    if not levels:
+        return func(*args, **kwargs)
+    if not any(isinstance(a, torch.Tensor) for a in list(args) + list(kwargs.values())):
+        # Factories (rand, randn, randint, normal(float, float, size), randperm): each
+        # vmap level, innermost first, adds its batch dim or shares the draw.
+        return random_factory(levels[-1], func, args, kwargs)
     for lvl in levels:
         if lvl.randomness == "error":
             raise RuntimeError(
@@ -31,25 +39,10 @@ def unbatched_random(func, args, kwargs):
     different = [lvl for lvl in levels if lvl.randomness == "different"]
     if not different:
         return func(*args, **kwargs)
-    batch_shape = tuple(lvl.batch_size for lvl in different)
-    if func._schema.arguments and any(a.name == "size" for a in func._schema.arguments):
-        draw = _draw_with_batch_shape(func, args, kwargs, batch_shape)
-    else:
-        draw = _draw_by_expanding_inputs(func, args, kwargs, batch_shape)
+    draw = _draw_by_expanding_inputs(func, args, kwargs, tuple(lvl.batch_size for lvl in different))
     for lvl in different:
         draw = _wrap(draw, lvl)
     return draw
-
-
-def _draw_with_batch_shape(func, args, kwargs, batch_shape):
-    names = [a.name for a in func._schema.arguments]
-    index = names.index("size")
-    args = list(args)
-    if index < len(args):
-        args[index] = batch_shape + tuple(args[index])
-    else:
-        kwargs = dict(kwargs, size=batch_shape + tuple(kwargs["size"]))
-    return func(*args, **kwargs)
 
 
 def _draw_by_expanding_inputs(func, args, kwargs, batch_shape):

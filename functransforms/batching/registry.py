@@ -49,13 +49,6 @@ def logical_rank(x, bdim):
     return x.dim() - (bdim is not None)
 
 
-def move_bdim_to_front(x, bdim):
-    """Batched values already have it in front; kept for rules that produce other layouts."""
-    if bdim is None or bdim == 0:
-        return x
-    return x.movedim(bdim, 0)
-
-
 def ensure_batched(x, bdim, batch_size):
     """Give an unbatched value a (broadcast, non-copying) batch dim in front."""
     if bdim is not None:

@@ -217,11 +217,6 @@ def _choose_handler(func):
     return handler
 
 
-def refresh_handlers():
-    """Forget cached choices (after rules are registered late, e.g. by tests)."""
-    _HANDLERS.clear()
-
-
 def captured_mutation_message(func):
     return (
         f"During a jvp transform, the function called the in-place operation "

@@ -146,13 +146,6 @@ def _unwrap(a, level):
     return a
 
 
-def unwrap_at(x, level):
-    """The value one level below ``level`` (unchanged if ``x`` is not ``level``'s wrapper)."""
-    if isinstance(x, LevelTensor) and x._level is level:
-        return x._value
-    return x
-
-
 def _captured_mutation_message(func):
     return (
         f"During a grad transform (grad, vjp, jacrev, ...), the function called the in-place "
