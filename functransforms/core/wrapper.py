@@ -99,6 +99,8 @@ _AUTOGRAD_INSIDE_MESSAGE = (
 
 
 def innermost_level(args, kwargs):
+    """The deepest live level among the op's arguments (a dead level wins outright, so its
+    wrappers get stripped first). Kept flat and allocation-free: every op runs it."""
     best = None
     depth = -2
     for a in args:
