@@ -498,15 +498,7 @@ def _jvp_rule(level, spec, args):
             f"jvp: {_name(spec)} is an autograd.Function without a jvp staticmethod. Define "
             f"jvp(ctx, *tangents) to use it with forward-mode transforms (jvp, jacfwd, ...)."
         )
-    primals = []
-    tangents = []
-    for a in args:
-        if isinstance(a, LevelTensor) and a._level is level:
-            primals.append(a._value)
-            tangents.append(a._tangent)
-        else:
-            primals.append(a)
-            tangents.append(None)
+    primals, tangents, _ = level.split_args(args)
     with level.lower():
         out = custom_function_call(spec, tuple(primals))
         ctx = _JvpCtx(len(primals))
