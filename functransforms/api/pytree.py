@@ -1,4 +1,5 @@
 """Pytree helpers shared by the public transforms."""
+import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, _broadcast_to_and_flatten
 
 from ..core.wrapper import LevelTensor
@@ -17,6 +18,8 @@ def unwrap_tree(tree, level):
         if isinstance(x, LevelTensor) and x._level is level:
             return x._value
         return x
+    if tree is None or isinstance(tree, torch.Tensor):
+        return unwrap(tree)  # the common case, without a pytree walk
     return tree_map(unwrap, tree)
 
 

@@ -22,6 +22,8 @@ def _lift_inputs(level, tree, api):
                 f"differentiate with respect to it."
             )
         return level.lift(x, requires_grad=True)
+    if isinstance(tree, torch.Tensor):
+        return lift(tree)
     return tree_map(lift, tree)
 
 
@@ -102,9 +104,12 @@ def grad_and_value(func, argnums=0, has_aux=False):
                 result = func(*args, **kwargs)
             output, aux = _split_aux(result, has_aux, api)
             _check_scalar_output(output, api)
-            flat_diff, diff_spec = tree_flatten(diff)
-            grads = _autograd_grad(level, [output], flat_diff)
-            grads = tree_unflatten([unwrap_tree(g, level) for g in grads], diff_spec)
+            if len(diff) == 1 and isinstance(diff[0], torch.Tensor):
+                grads = [unwrap_tree(_autograd_grad(level, [output], diff)[0], level)]
+            else:
+                flat_diff, diff_spec = tree_flatten(diff)
+                grads = _autograd_grad(level, [output], flat_diff)
+                grads = tree_unflatten([unwrap_tree(g, level) for g in grads], diff_spec)
             output = unwrap_tree(output, level)
             aux = unwrap_tree(aux, level)
         if isinstance(argnums, int):

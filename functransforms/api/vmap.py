@@ -10,13 +10,40 @@ from .pytree import broadcast_to_and_flatten, structure_repr, tree_flatten, tree
 _RANDOMNESS = ("error", "different", "same")
 
 
-def _call_repr(func, in_dims, out_dims):
-    name = getattr(func, "__name__", repr(func))
-    return f"vmap({name}, in_dims={in_dims!r}, out_dims={out_dims!r})(<inputs>)"
+class _CallRepr:
+    """``vmap(f, in_dims=..., out_dims=...)(<inputs>)`` for error messages, built only when
+    a message is (reprs of in_dims on every call would be a measurable cost)."""
+
+    __slots__ = ("func", "in_dims", "out_dims")
+
+    def __init__(self, func, in_dims, out_dims):
+        self.func, self.in_dims, self.out_dims = func, in_dims, out_dims
+
+    def __format__(self, spec):
+        name = getattr(self.func, "__name__", repr(self.func))
+        return f"vmap({name}, in_dims={self.in_dims!r}, out_dims={self.out_dims!r})(<inputs>)"
+
+
+def _flat_in_dims_fast(in_dims, args):
+    """in_dims for the common call: every argument a Tensor and in_dims an int or a flat
+    tuple of ints/None. Returns None when the general pytree path is needed."""
+    for a in args:
+        if not isinstance(a, torch.Tensor):
+            return None
+    if isinstance(in_dims, int):
+        return [in_dims] * len(args)
+    if type(in_dims) is tuple and len(in_dims) == len(args) and all(
+        d is None or type(d) is int for d in in_dims
+    ):
+        return list(in_dims)
+    return None
 
 
 def _flatten_in_dims(func, in_dims, out_dims, args):
-    call = _call_repr(func, in_dims, out_dims)
+    call = _CallRepr(func, in_dims, out_dims)
+    flat_in_dims = _flat_in_dims_fast(in_dims, args)
+    if flat_in_dims is not None:
+        return _check_batch_sizes(call, list(args), flat_in_dims, None)
     if not isinstance(in_dims, (int, tuple)) and in_dims is not None:
         raise ValueError(
             f"{call}: expected `in_dims` to be an int or a (potentially nested) tuple matching "
@@ -34,6 +61,10 @@ def _flatten_in_dims(func, in_dims, out_dims, args):
             f"{call}: in_dims is not compatible with the structure of the inputs. in_dims must "
             f"be a prefix of the inputs' pytree structure {structure_repr(args_spec)}."
         )
+    return _check_batch_sizes(call, flat_args, flat_in_dims, args_spec)
+
+
+def _check_batch_sizes(call, flat_args, flat_in_dims, args_spec):
     batch_sizes = []
     for arg, in_dim in zip(flat_args, flat_in_dims):
         if in_dim is None:
@@ -86,7 +117,7 @@ def _unbatch_output(level, out, out_dim, batch_size, call):
         value = out._value
     else:
         value = out.unsqueeze(0).expand(batch_size, *out.shape)
-    return value.movedim(0, out_dim)
+    return value if out_dim == 0 else value.movedim(0, out_dim)
 
 
 def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
@@ -119,13 +150,17 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
 
 def _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_dims,
                out_dims, randomness):
-    call = _call_repr(func, in_dims, out_dims)
+    call = _CallRepr(func, in_dims, out_dims)
     with VmapInterpreter(batch_size, randomness) as level:
         batched = [
             a if d is None else BatchedTensor(a.movedim(d, 0) if d != 0 else a, level)
             for a, d in zip(flat_args, flat_in_dims)
         ]
-        output = func(*tree_unflatten(batched, args_spec), **kwargs)
+        # args_spec is None when every argument was a Tensor (see _flat_in_dims_fast).
+        inputs = batched if args_spec is None else tree_unflatten(batched, args_spec)
+        output = func(*inputs, **kwargs)
+        if isinstance(output, torch.Tensor) and type(out_dims) is int:
+            return _unbatch_output(level, output, out_dims, batch_size, call)
         flat_out, out_spec = tree_flatten(output)
         flat_out_dims = broadcast_to_and_flatten(out_dims, out_spec)
         if flat_out_dims is None:

@@ -83,14 +83,20 @@ class transform_mode_active:
 
     def __enter__(self):
         self._mode = None
-        if getattr(_local, "mode", None) is None:
-            self._mode = _local.mode = TransformMode()
-            self._mode.__enter__()
+        if not getattr(_local, "active", False):
+            # One instance per thread, re-entered by every transform call: constructing a
+            # mode costs about as much as a cheap op.
+            mode = getattr(_local, "mode", None)
+            if mode is None:
+                mode = _local.mode = TransformMode()
+            _local.active = True
+            self._mode = mode
+            mode.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self._mode is not None:
-            _local.mode = None
+            _local.active = False
             self._mode.__exit__(*exc)
         return False
 
