@@ -18,6 +18,8 @@ from ..core.levels import Interpreter, lowering
 from ..core.ops import decomposition, functional_twin
 from ..core.wrapper import (
     LevelTensor,
+    is_plain_layout,
+    new_wrapper,
     aliasing_op,
     mutated_arg_positions,
     returned_arg_positions,
@@ -33,14 +35,8 @@ aten = torch.ops.aten
 class BatchedTensor(LevelTensor):
     @staticmethod
     def __new__(cls, value, level):
-        if value.layout is torch.strided and value.is_contiguous() and not value.is_complex():
-            # The common case, without the general constructor's checks (the hot path).
-            self = torch.Tensor._make_wrapper_subclass(
-                cls, value.shape[1:], dtype=value.dtype, device=value.device
-            )
-            self._value = value
-            self._level = level
-            return self
+        if is_plain_layout(value):
+            return new_wrapper(cls, value, level, value.shape[1:])
         return LevelTensor._make(cls, value, level, value.shape[1:], value.stride()[1:])
 
     def __repr__(self, *, tensor_contents=None):
@@ -89,7 +85,7 @@ class VmapInterpreter(Interpreter):
         return False
 
     def process(self, func, args, kwargs):
-        handler = _HANDLERS.get(func)
+        handler = _HANDLERS.get(id(func))
         if handler is None:
             handler = _choose_handler(func)
         return handler(self, func, args, kwargs)
@@ -297,7 +293,7 @@ def _choose_handler(func):
     else:
         decomp = decomposition(func)
         handler = _decomposition_handler(decomp) if decomp is not None else _loop_handler
-    _HANDLERS[func] = handler
+    _HANDLERS[id(func)] = handler
     return handler
 
 

@@ -138,6 +138,8 @@ def run_without_dead_wrappers(func, args, kwargs):
         return func(*args, **kwargs)
 
 
+# Per-op caches are keyed by id(func): OpOverloads live for the whole process, and their
+# __hash__ is a Python method that would otherwise run several times on every op.
 _aliasing_cache = {}
 
 
@@ -148,9 +150,9 @@ def aliasing_op(func):
     ADInplaceOrView key records view relationships and bumps version counters, and a later
     in-place write of a tracked value into the view must find its base (``buf[0] = x``).
     """
-    aliasing = _aliasing_cache.get(func)
+    aliasing = _aliasing_cache.get(id(func))
     if aliasing is None:
-        aliasing = _aliasing_cache[func] = func.is_view or bool(mutated_arg_positions(func))
+        aliasing = _aliasing_cache[id(func)] = func.is_view or bool(mutated_arg_positions(func))
     return aliasing
 
 
@@ -160,6 +162,19 @@ def needs_lowering(t):
     if t.requires_grad or t.is_complex() or t._is_zerotensor():
         return True
     return isinstance(t, LevelTensor) and tracked_below(t._value)
+
+
+def new_wrapper(cls, value, level, shape):
+    """The hot-path constructor: a contiguous, strided, real value (nearly every op's
+    result). Anything else goes through ``LevelTensor._make``."""
+    self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=value.dtype, device=value.device)
+    self._value = value
+    self._level = level
+    return self
+
+
+def is_plain_layout(value):
+    return value.layout is torch.strided and value.is_contiguous() and not value.is_complex()
 
 
 def tracked_below(t):
@@ -189,14 +204,14 @@ _mutation_cache = {}
 
 def mutated_arg_positions(func):
     """Positions of the positional args an op writes to (in-place and out= ops)."""
-    positions = _mutation_cache.get(func)
+    positions = _mutation_cache.get(id(func))
     if positions is None:
         positions = tuple(
             i
             for i, arg in enumerate(func._schema.arguments)
             if arg.alias_info is not None and arg.alias_info.is_write and not arg.kwarg_only
         )
-        _mutation_cache[func] = positions
+        _mutation_cache[id(func)] = positions
     return positions
 
 
@@ -210,14 +225,14 @@ def returned_arg_positions(func):
     are side buffers (batch norm's running stats, rrelu's noise) that the op's rule deals
     with; the op's real outputs are fresh tensors.
     """
-    returned = _returned_cache.get(func)
+    returned = _returned_cache.get(id(func))
     if returned is None:
         written = {}
         for i, arg in enumerate(func._schema.arguments):
             info = arg.alias_info
             if info is not None and info.is_write and not arg.kwarg_only:
                 written.update((alias, i) for alias in info.before_set)
-        returned = _returned_cache[func] = tuple(
+        returned = _returned_cache[id(func)] = tuple(
             next((written[a] for a in r.alias_info.before_set if a in written), None)
             if r.alias_info is not None and r.alias_info.is_write
             else None

@@ -55,7 +55,7 @@ class JvpInterpreter(Interpreter):
         return DualTensor(tensor, torch.zeros_like(tensor), self)
 
     def process(self, func, args, kwargs):
-        handler = _HANDLERS.get(func)
+        handler = _HANDLERS.get(id(func))
         if handler is None:
             handler = _choose_handler(func)
         return handler(self, func, args, kwargs)
@@ -213,7 +213,7 @@ def _choose_handler(func):
     else:
         decomp = decomposition(func)
         handler = _decomposition_handler(decomp) if decomp is not None else _fallback_handler
-    _HANDLERS[func] = handler
+    _HANDLERS[id(func)] = handler
     return handler
 
 

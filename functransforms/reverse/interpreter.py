@@ -28,6 +28,8 @@ from torch.utils._mode_utils import no_dispatch
 from ..core.levels import Interpreter, lowering
 from ..core.wrapper import (
     LevelTensor,
+    is_plain_layout,
+    new_wrapper,
     aliasing_op,
     mutated_arg_positions,
     returned_arg_positions,
@@ -37,12 +39,15 @@ from ..core.wrapper import (
 
 aten = torch.ops.aten
 
-_REWRAP_OPS = frozenset({aten.detach.default, aten.alias.default})
+# Keyed by id(): OpOverload.__hash__ is a Python method, and this runs on every op.
+_REWRAP_OPS = frozenset({id(aten.detach.default), id(aten.alias.default)})
 
 
 class GradTensor(LevelTensor):
     @staticmethod
     def __new__(cls, value, level, requires_grad=False):
+        if not requires_grad and is_plain_layout(value):
+            return new_wrapper(cls, value, level, value.shape)
         return LevelTensor._make(cls, value, level, value.shape, value.stride(), requires_grad)
 
     def __repr__(self, *, tensor_contents=None):
@@ -78,7 +83,7 @@ class GradInterpreter(Interpreter):
         return GradTensor(tensor, self)
 
     def process(self, func, args, kwargs):
-        if func in _REWRAP_OPS and not torch._C._dispatch_tls_is_dispatch_key_excluded(
+        if id(func) in _REWRAP_OPS and not torch._C._dispatch_tls_is_dispatch_key_excluded(
             DispatchKey.AutogradFunctionality
         ):
             return GradTensor(args[0]._value, self)
