@@ -280,10 +280,49 @@ def _loop_handler(interp, func, args, kwargs):
 _HANDLERS = {}
 
 
+def _elementwise_handler(general, func):
+    """The fast lane for elementwise rules (see ``elementwise`` in batching/registry.py).
+
+    When every tensor argument is one of this level's BatchedTensors holding a plain, real,
+    untracked value of the same rank as the others, broadcasting needs no padding and
+    nothing below needs ``lowering``: the op runs on the values directly. Anything else
+    takes the general rule path.
+    """
+    op = func._op
+
+    def handle(interp, func, args, kwargs):
+        if kwargs:
+            return general(interp, func, args, kwargs)
+        values = []
+        rank = -1
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if type(a) is not BatchedTensor or a._level is not interp:
+                    return general(interp, func, args, kwargs)
+                v = a._value
+                if (type(v) is not torch.Tensor or v.requires_grad or v.is_complex()
+                        or v._is_zerotensor() or (rank >= 0 and v.dim() != rank)):
+                    return general(interp, func, args, kwargs)
+                rank = v.dim()
+                values.append(v)
+            else:
+                values.append(a)
+        out = op(*values)
+        if not isinstance(out, torch.Tensor):
+            return interp.wrap_out(out, 0)  # frexp and the few other multi-output ones
+        if is_plain_layout(out):
+            return new_wrapper(BatchedTensor, out, interp, out.shape[1:])
+        return BatchedTensor(out, interp)
+
+    return handle
+
+
 def _choose_handler(func):
     rule = BATCH_RULES.get(func)
     if rule is not None:
         handler = _rule_handler(rule, func)
+        if getattr(rule, "elementwise", False) and not aliasing_op(func):
+            handler = _elementwise_handler(handler, func)
     elif mutated_arg_positions(func) and func._schema.name.endswith("_"):
         twin = functional_twin(func)
         if twin is not None and (twin in BATCH_RULES or decomposition(twin) is not None):

@@ -18,6 +18,14 @@ import torch
 BATCH_RULES = {}
 
 
+def elementwise(rule):
+    """Mark a rule as elementwise: given only same-rank batched values (and non-tensor
+    arguments) it would just call the op on them. The interpreter then serves that case
+    without calling the rule (the fast lane for the most common ops)."""
+    rule.elementwise = True
+    return rule
+
+
 def batch_rule(*ops):
     """Register the decorated function as the batching rule of each op (overload or packet)."""
 

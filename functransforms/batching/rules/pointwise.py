@@ -6,11 +6,12 @@ the per-example tensors would.
 """
 import torch
 
-from ..registry import logical_rank, pad_to_rank, register_rule
+from ..registry import elementwise, logical_rank, pad_to_rank, register_rule
 
 aten = torch.ops.aten
 
 
+@elementwise
 def pointwise_rule(interp, func, args, bdims, kwargs):
     rank = 0
     lowest_batched_rank = None
