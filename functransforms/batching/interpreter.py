@@ -155,13 +155,13 @@ class VmapInterpreter(Interpreter):
         return x
 
     def run_per_example(self, func, args, kwargs):
-        if func.is_view:
+        if func.is_view or torch.Tag.inplace_view in func.tags:
             # Stacking per-example results makes a copy, so writes through the "view" would
             # be lost: refuse rather than return a silently detached tensor.
             raise RuntimeError(
                 f"vmap: there is no batching rule for the view operation aten::{op_name(func)}, "
-                f"and running it once per example cannot return a view. Use the op's *_copy "
-                f"variant or an out-of-place formulation."
+                f"and running it once per example cannot return (or reshape) a view. Use the "
+                f"op's *_copy variant or an out-of-place formulation."
             )
         note_fallback(func)
         check_random(self, func)
@@ -169,10 +169,15 @@ class VmapInterpreter(Interpreter):
         for i in mutated:
             if not (isinstance(args[i], LevelTensor) and args[i]._level is self):
                 raise RuntimeError(inplace_into_unbatched_message(func))
+        # Ops that address storage directly (as_strided_scatter's storage_offset) would read
+        # an example's slice at its offset inside the batch: give them fresh copies.
+        fresh = not mutated and any(a.name == "storage_offset" for a in func._schema.arguments)
         results = []
         with lowering(None):
             for i in range(self.batch_size):
                 a = [self.select_example(x, i) for x in args]
+                if fresh:
+                    a = [x.clone() if isinstance(x, torch.Tensor) else x for x in a]
                 k = {n: self.select_example(v, i) for n, v in kwargs.items()} if kwargs else _NO_KWARGS
                 results.append(func(*a, **k))
         returned = returned_arg_positions(func)

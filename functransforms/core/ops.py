@@ -14,9 +14,16 @@ def functional_twin(func):
     if packet is None:
         return None
     twin = getattr(packet, func._overloadname, None)
-    if twin is None or len(twin._schema.arguments) != len(func._schema.arguments):
-        return None
-    return twin
+    if twin is not None and len(twin._schema.arguments) == len(func._schema.arguments):
+        return twin
+    # Overload names do not always match (transpose_.default vs transpose.int): look for
+    # the overload taking the same arguments.
+    wanted = [(a.name, str(a.type)) for a in func._schema.arguments]
+    for overload in packet.overloads():
+        candidate = getattr(packet, overload)
+        if [(a.name, str(a.type)) for a in candidate._schema.arguments] == wanted:
+            return candidate
+    return None
 
 
 def decomposition(func):
