@@ -97,7 +97,8 @@ def native_group_norm_rule(interp, func, args, bdims, kwargs):
     B = interp.batch_size
     x = ensure_batched(x, dx, B)
     affine_batched = dw is not None or db is not None
-    out, mean, rstd = func(x.flatten(0, 1), None if affine_batched else w,
+    # The kernel needs contiguous memory (a value batched at in_dim=-1 is not).
+    out, mean, rstd = func(x.flatten(0, 1).contiguous(), None if affine_batched else w,
                            None if affine_batched else b, B * N, C, HxW, group, eps)
     out = out.view(x.shape)
     if affine_batched:
@@ -127,8 +128,11 @@ def native_group_norm_backward_rule(interp, func, args, bdims, kwargs):
         g, kernel_w = grad_out, w
         if dw is not None:
             g, kernel_w = grad_out * _channel_view(w, dw, grad_out.dim()), None
-        grad_input = func(g.flatten(0, 1), x.flatten(0, 1), mean.flatten(0, 1), rstd.flatten(0, 1),
-                          kernel_w, B * N, C, HxW, group, [True, False, False])[0].view(shape)
+        # The kernel reads its inputs as contiguous memory; an unbatched input broadcast to the
+        # batch (stride 0) must be materialised or it reads garbage.
+        flat = [t.flatten(0, 1).contiguous() for t in (g, x, mean, rstd)]
+        grad_input = func(*flat, kernel_w, B * N, C, HxW, group,
+                          [True, False, False])[0].view(shape)
     go = grad_out.reshape(B, N, C, HxW)
     if output_mask[1]:
         grouped = x.reshape(B, N, group, C // group, HxW)
