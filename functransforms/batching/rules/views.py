@@ -15,7 +15,7 @@ _positions = {}
 
 def arg_positions(func, names):
     """Schema positions of the named positional arguments of ``func`` (absent names skipped)."""
-    key = (func, names)
+    key = (id(func), names)  # OpOverload.__hash__ is Python; this runs on every view op
     found = _positions.get(key)
     if found is None:
         index = {a.name: i for i, a in enumerate(func._schema.arguments) if not a.kwarg_only}
