@@ -15,3 +15,4 @@ from .rules import random  # noqa: F401
 from .rules import softmax  # noqa: F401
 from .rules import embedding  # noqa: F401
 from .rules import loss  # noqa: F401
+from .rules import attention  # noqa: F401

@@ -164,7 +164,7 @@ class VmapInterpreter(Interpreter):
                 f"op's *_copy variant or an out-of-place formulation."
             )
         note_fallback(func)
-        check_random(self, func)
+        check_random(self, func, args, kwargs)
         mutated = mutated_arg_positions(func)
         for i in mutated:
             if not (isinstance(args[i], LevelTensor) and args[i]._level is self):
@@ -341,13 +341,24 @@ def _choose_handler(func):
     return handler
 
 
-def check_random(interp, func):
-    if torch.Tag.nondeterministic_seeded in func.tags and interp.randomness == "error":
+def check_random(interp, func, args=(), kwargs=None):
+    if (torch.Tag.nondeterministic_seeded in func.tags and interp.randomness == "error"
+            and _draws(func, args, kwargs or {})):
         raise RuntimeError(
             f"vmap: called random operation aten::{op_name(func)} under vmap with "
             f"randomness='error'. Pass randomness='different' for independent draws per "
             f"example or randomness='same' for one draw shared by every example."
         )
+
+
+def _draws(func, args, kwargs):
+    """Seeded ops whose only randomness is a dropout probability draw nothing at p=0
+    (the fused attention kernels in eval mode)."""
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == "dropout_p":
+            p = args[i] if i < len(args) else kwargs.get("dropout_p", arg.default_value)
+            return bool(p)
+    return True
 
 
 def inplace_into_unbatched_message(func):
