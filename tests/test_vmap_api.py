@@ -178,3 +178,16 @@ class TestErrors(expecttest.TestCase):
         with self.assertRaises(KeyError):
             ft.vmap(ft.grad(lambda x: boom(x)))(torch.randn(3))
         assert level_stack() == []
+
+
+def test_gru_with_batched_initial_state():
+    # The documented workaround for nn.GRU/nn.RNN under vmap (README, Known limitations).
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(4, 6, batch_first=True)
+    x, h0 = torch.randn(5, 7, 4), torch.zeros(5, 1, 1, 6)
+
+    def f(xi, h):
+        return gru(xi.unsqueeze(0), h)[0]
+
+    expected = torch.stack([f(x[i], h0[i]) for i in range(5)])
+    torch.testing.assert_close(ft.vmap(f)(x, h0), expected)
