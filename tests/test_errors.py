@@ -111,13 +111,13 @@ class TestErrors(expecttest.TestCase):
 
     def test_has_aux_without_tuple(self):
         msg = self.message(RuntimeError, lambda: ft.grad(lambda x: x.sum(), has_aux=True)(X))
-        self.assertExpectedInline(msg, """grad_and_value(f, has_aux=True)(*args): expected f(*args) to return a tuple (output, aux), got Tensor.""")
+        self.assertExpectedInline(msg, """grad_and_value(f, has_aux=True)(*args): expected f to return a tuple (output, aux) when has_aux=True, got Tensor.""")
 
     def test_has_aux_with_three_outputs(self):
         msg = self.message(
             RuntimeError, lambda: ft.grad(lambda x: (x.sum(), 1, 2), has_aux=True)(X)
         )
-        self.assertExpectedInline(msg, """grad_and_value(f, has_aux=True)(*args): expected f(*args) to return a tuple (output, aux), got tuple.""")
+        self.assertExpectedInline(msg, """grad_and_value(f, has_aux=True)(*args): expected f to return a tuple (output, aux) when has_aux=True, got tuple.""")
 
     def test_grad_of_int_tensor(self):
         msg = self.message(RuntimeError, lambda: ft.grad(lambda x: x.sum())(torch.arange(3)))

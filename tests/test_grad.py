@@ -319,11 +319,11 @@ class TestErrors(expecttest.TestCase):
     def test_has_aux_wrong_structure(self):
         self.assertExpectedInline(
             self.error(ft.grad(lambda x: x.sum(), has_aux=True), torch.randn(3)),
-            """grad_and_value(f, has_aux=True)(*args): expected f(*args) to return a tuple (output, aux), got Tensor.""",
+            """grad_and_value(f, has_aux=True)(*args): expected f to return a tuple (output, aux) when has_aux=True, got Tensor.""",
         )
         self.assertExpectedInline(
             self.error(ft.grad(lambda x: (x.sum(), 1, 2), has_aux=True), torch.randn(3)),
-            """grad_and_value(f, has_aux=True)(*args): expected f(*args) to return a tuple (output, aux), got tuple.""",
+            """grad_and_value(f, has_aux=True)(*args): expected f to return a tuple (output, aux) when has_aux=True, got tuple.""",
         )
 
     def test_integer_input(self):

@@ -300,8 +300,7 @@ jvp(f, primals, tangents): f must return only Tensors (or a pytree of them), got
 
     def test_bad_aux(self):
         x = rand(3)
-        self.assert_error(lambda: ft.jvp(lambda x: x, (x,), (x,), has_aux=True), """\
-jvp(f, primals, tangents): with has_aux=True, f must return a tuple (output, aux), got Tensor.""")
+        self.assert_error(lambda: ft.jvp(lambda x: x, (x,), (x,), has_aux=True), """jvp(f, primals, tangents): expected f to return a tuple (output, aux) when has_aux=True, got Tensor.""")
 
     def test_mutating_captured_tensor(self):
         x, captured = rand(3), rand(3, seed=1)

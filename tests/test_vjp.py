@@ -177,7 +177,7 @@ class TestErrors(expecttest.TestCase):
     def test_has_aux_wrong_structure(self):
         self.assertExpectedInline(
             self.error(lambda: ft.vjp(lambda x: x, torch.randn(3), has_aux=True)),
-            """vjp(f, has_aux=True)(*args): expected f(*args) to return a tuple (output, aux), got Tensor.""",
+            """vjp(f, *primals, has_aux=True): expected f to return a tuple (output, aux) when has_aux=True, got Tensor.""",
         )
 
     def test_integer_primal(self):

@@ -4,7 +4,7 @@ import torch
 from ..core.wrapper import LevelTensor
 from ..core.mode import adopting_new_tensors
 from ..forward.interpreter import JvpInterpreter
-from .pytree import tree_flatten, tree_unflatten
+from .pytree import split_aux, tree_flatten, tree_unflatten
 
 _API = "jvp(f, primals, tangents)"
 
@@ -48,22 +48,6 @@ def _check_inputs(primals, tangents):
     return flat_primals, flat_tangents, primals_spec
 
 
-def _split_aux(result, has_aux):
-    if not has_aux:
-        return result, None
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise RuntimeError(
-            f"{_API}: with has_aux=True, f must return a tuple (output, aux), got "
-            f"{_type_name(result)}."
-        )
-    return result
-
-
-def _type_name(x):
-    # Users never see our wrapper classes: a wrapper is a Tensor to them.
-    return "Tensor" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
 def _primal_of(x, level):
     if isinstance(x, LevelTensor) and x._level is level:
         return x._value
@@ -89,7 +73,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
         ]
         with adopting_new_tensors(level):
             result = func(*tree_unflatten(duals, spec))
-        output, aux = _split_aux(result, has_aux)
+        output, aux = split_aux(result, has_aux, _API)
         flat_out, out_spec = tree_flatten(output)
         values = []
         out_tangents = []

@@ -5,7 +5,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, _broadca
 from ..core.wrapper import LevelTensor
 
 __all__ = ["tree_flatten", "tree_map", "tree_unflatten", "broadcast_to_and_flatten",
-           "unwrap_tree", "normalize_argnums", "select_args", "structure_repr"]
+           "unwrap_tree", "normalize_argnums", "select_args", "structure_repr", "split_aux",
+           "type_name"]
 
 
 def broadcast_to_and_flatten(prefix, spec):
@@ -57,3 +58,21 @@ class _Leaf:
 def structure_repr(spec):
     """A pytree structure as users write it, leaves shown as ``*``: ``(*, [*, *])``."""
     return repr(tree_unflatten([_Leaf()] * spec.num_leaves, spec))
+
+
+def type_name(x):
+    # Users never see our wrapper classes: a wrapper is a Tensor to them.
+    return "Tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def split_aux(result, has_aux, call):
+    """``(output, aux)`` of a function called with ``has_aux``; ``call`` names the user's call
+    in the error message (``grad_and_value(f, has_aux=True)(*args)``)."""
+    if not has_aux:
+        return result, None
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise RuntimeError(
+            f"{call}: expected f to return a tuple (output, aux) when has_aux=True, got "
+            f"{type_name(result)}."
+        )
+    return result

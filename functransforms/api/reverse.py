@@ -5,7 +5,14 @@ import torch
 
 from ..core.mode import adopting_new_tensors
 from ..reverse.interpreter import GradInterpreter
-from .pytree import normalize_argnums, tree_flatten, tree_map, tree_unflatten, unwrap_tree
+from .pytree import (
+    normalize_argnums,
+    split_aux,
+    tree_flatten,
+    tree_map,
+    tree_unflatten,
+    unwrap_tree,
+)
 
 
 def _lift_inputs(level, tree, api):
@@ -40,11 +47,6 @@ def _check_scalar_output(output, api):
         )
 
 
-def _type_name(x):
-    # Users never see our wrapper classes: a wrapper is a Tensor to them.
-    return "Tensor" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
 class _Leaf:
     def __repr__(self):
         return "*"
@@ -53,17 +55,6 @@ class _Leaf:
 def _tree_str(spec):
     """A pytree structure as users write it, leaves shown as ``*``: ``(*, {'a': *})``."""
     return repr(tree_unflatten([_Leaf()] * spec.num_leaves, spec))
-
-
-def _split_aux(result, has_aux, api):
-    if not has_aux:
-        return result, None
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise RuntimeError(
-            f"{api}(f, has_aux=True)(*args): expected f(*args) to return a tuple "
-            f"(output, aux), got {_type_name(result)}."
-        )
-    return result
 
 
 def _autograd_grad(level, outputs, inputs, grad_outputs=None, retain_graph=False):
@@ -102,7 +93,7 @@ def grad_and_value(func, argnums=0, has_aux=False):
                 args[i] = d
             with adopting_new_tensors(level):
                 result = func(*args, **kwargs)
-            output, aux = _split_aux(result, has_aux, api)
+            output, aux = split_aux(result, has_aux, f"{api}(f, has_aux=True)(*args)")
             _check_scalar_output(output, api)
             if len(diff) == 1 and isinstance(diff[0], torch.Tensor):
                 grads = [unwrap_tree(_autograd_grad(level, [output], diff)[0], level)]
@@ -148,7 +139,7 @@ def vjp(func, *primals, has_aux=False):
         lifted = _lift_inputs(level, primals, "vjp")
         with adopting_new_tensors(level):
             result = func(*lifted)
-        output, aux = _split_aux(result, has_aux, "vjp")
+        output, aux = split_aux(result, has_aux, "vjp(f, *primals, has_aux=True)")
         flat_out, out_spec = tree_flatten(output)
         for o in flat_out:
             if not isinstance(o, torch.Tensor):

@@ -11,7 +11,7 @@ The add* ops are the product followed by ``beta * self + alpha * product``.
 """
 import torch
 
-from ..registry import batch_rule, logical_rank, pad_to_rank
+from ..registry import batch_rule, logical_rank, pad_to_rank, register_rule
 
 aten = torch.ops.aten
 
@@ -101,66 +101,66 @@ def dot_rule(interp, func, args, bdims, kwargs):
     return aten.mv.default(b, a), 0
 
 
+def _mm_product(a, da, b, db):
+    if da is None and db is None:
+        return aten.mm.default(a, b)
+    return _matrix_product(a, da, b, db, batch=False)
+
+
+def _bmm_product(a, da, b, db):
+    if da is None and db is None:
+        return aten.bmm.default(a, b)
+    return _matrix_product(a, da, b, db, batch=True)
+
+
+def _summed_bmm_product(a, da, b, db):
+    # addbmm sums the stack of products; the stack dim follows the vmap dim when batched.
+    return _bmm_product(a, da, b, db).sum(0 if da is None and db is None else 1)
+
+
+def _mv_product(mat, dmat, vec, dvec):
+    if dmat is None and dvec is None:
+        return aten.mv.default(mat, vec)
+    return _matrix_vector(mat, dmat, vec, dvec)
+
+
+def _outer_product(u, du, v, dv):
+    return u.unsqueeze(-1) * (v.unsqueeze(-2) if dv is None else v.unsqueeze(1))
+
+
+def _fused_add(product, rank):
+    """Rule for ``beta * self + alpha * product(a, b)`` ops; ``rank`` is the product's
+    logical rank, which ``self`` is broadcast to."""
+
+    def rule(interp, func, args, bdims, kwargs):
+        self_, a, b = args
+        dself, da, db = bdims
+        return _add_scaled(self_, dself, product(a, da, b, db), _either(da, db),
+                           kwargs.get("beta", 1), kwargs.get("alpha", 1), rank)
+
+    return rule
+
+
+_general_addmm = _fused_add(_mm_product, 2)
+
+
 @batch_rule(aten.addmm.default)
 def addmm_rule(interp, func, args, bdims, kwargs):
     self_, a, b = args
     dself, da, db = bdims
-    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     if dself is None and da is not None and db is None and logical_rank(self_, None) < 2:
         # The common ``linear`` case: a bias row broadcasts over every folded row.
         B, n, k = a.shape
-        out = aten.addmm.default(self_, a.reshape(B * n, k), b, beta=beta, alpha=alpha)
+        out = aten.addmm.default(self_, a.reshape(B * n, k), b, beta=kwargs.get("beta", 1),
+                                 alpha=kwargs.get("alpha", 1))
         return out.view(B, n, b.shape[-1]), 0
-    if da is None and db is None:
-        product = aten.mm.default(a, b)
-    else:
-        product = _matrix_product(a, da, b, db, batch=False)
-    return _add_scaled(self_, dself, product, _either(da, db), beta, alpha, 2)
+    return _general_addmm(interp, func, args, bdims, kwargs)
 
 
-@batch_rule(aten.baddbmm.default)
-def baddbmm_rule(interp, func, args, bdims, kwargs):
-    self_, a, b = args
-    dself, da, db = bdims
-    if da is None and db is None:
-        product = aten.bmm.default(a, b)
-    else:
-        product = _matrix_product(a, da, b, db, batch=True)
-    return _add_scaled(self_, dself, product, _either(da, db), kwargs.get("beta", 1),
-                       kwargs.get("alpha", 1), 3)
-
-
-@batch_rule(aten.addbmm.default)
-def addbmm_rule(interp, func, args, bdims, kwargs):
-    self_, a, b = args
-    dself, da, db = bdims
-    if da is None and db is None:
-        product = aten.bmm.default(a, b).sum(0)
-    else:
-        product = _matrix_product(a, da, b, db, batch=True).sum(1)
-    return _add_scaled(self_, dself, product, _either(da, db), kwargs.get("beta", 1),
-                       kwargs.get("alpha", 1), 2)
-
-
-@batch_rule(aten.addmv.default)
-def addmv_rule(interp, func, args, bdims, kwargs):
-    self_, mat, vec = args
-    dself, dmat, dvec = bdims
-    if dmat is None and dvec is None:
-        product = aten.mv.default(mat, vec)
-    else:
-        product = _matrix_vector(mat, dmat, vec, dvec)
-    return _add_scaled(self_, dself, product, _either(dmat, dvec), kwargs.get("beta", 1),
-                       kwargs.get("alpha", 1), 1)
-
-
-@batch_rule(aten.addr.default)
-def addr_rule(interp, func, args, bdims, kwargs):
-    self_, u, v = args
-    dself, du, dv = bdims
-    product = u.unsqueeze(-1) * (v.unsqueeze(-2) if dv is None else v.unsqueeze(1))
-    return _add_scaled(self_, dself, product, _either(du, dv), kwargs.get("beta", 1),
-                       kwargs.get("alpha", 1), 2)
+register_rule(aten.baddbmm.default, _fused_add(_bmm_product, 3))
+register_rule(aten.addbmm.default, _fused_add(_summed_bmm_product, 2))
+register_rule(aten.addmv.default, _fused_add(_mv_product, 1))
+register_rule(aten.addr.default, _fused_add(_outer_product, 2))
 
 
 def _either(d1, d2):
