@@ -39,28 +39,6 @@ def test_tour_vmap_model():
     torch.testing.assert_close(result, tf.vmap(model)(examples))
 
 
-def test_tour_per_sample_gradients():
-    torch.manual_seed(0)
-    batch_size, feature_size = 3, 5
-
-    def model(weights, feature_vec):
-        # Very simple linear model with activation
-        assert feature_vec.dim() == 1
-        return feature_vec.dot(weights).relu()
-
-    def compute_loss(weights, example, target):
-        y = model(weights, example)
-        return ((y - target) ** 2).mean()  # MSELoss
-
-    weights = torch.randn(feature_size, requires_grad=True)
-    examples = torch.randn(batch_size, feature_size)
-    targets = torch.randn(batch_size)
-    inputs = (weights, examples, targets)
-    grad_weight_per_example = ft.vmap(ft.grad(compute_loss), in_dims=(None, 0, 0))(*inputs)
-    expected = tf.vmap(tf.grad(compute_loss), in_dims=(None, 0, 0))(*inputs)
-    torch.testing.assert_close(grad_weight_per_example, expected)
-
-
 # -- MLP and CNN, written with torch.nn.functional and an explicit params dict ------------
 
 
