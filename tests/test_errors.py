@@ -109,6 +109,10 @@ class TestErrors(expecttest.TestCase):
         msg = self.message(RuntimeError, lambda: ft.grad(lambda x: 1.0)(X))
         self.assertExpectedInline(msg, """grad_and_value(f)(*args): expected f(*args) to return a Tensor, got float.""")
 
+    def test_grad_of_complex_output(self):
+        msg = self.message(RuntimeError, lambda: ft.grad(lambda x: (x * 1j).sum())(X))
+        self.assertExpectedInline(msg, """grad_and_value(f)(*args): expected f(*args) to return a real scalar, got dtype torch.complex64. Differentiate its real part (.real) or absolute value instead.""")
+
     def test_has_aux_without_tuple(self):
         msg = self.message(RuntimeError, lambda: ft.grad(lambda x: x.sum(), has_aux=True)(X))
         self.assertExpectedInline(msg, """grad_and_value(f, has_aux=True)(*args): expected f to return a tuple (output, aux) when has_aux=True, got Tensor.""")

@@ -2,6 +2,7 @@
 import functools
 
 import torch
+from torch.autograd.variable import Variable
 
 from ..core.mode import adopting_new_tensors
 from ..reverse.interpreter import GradInterpreter
@@ -9,10 +10,14 @@ from .pytree import (
     normalize_argnums,
     split_aux,
     tree_flatten,
-    tree_map,
+    map_tensors,
+    flatten_tensors,
     tree_unflatten,
     unwrap_tree,
 )
+
+
+_ENGINE = Variable._execution_engine
 
 
 def _lift_inputs(level, tree, api):
@@ -29,9 +34,7 @@ def _lift_inputs(level, tree, api):
                 f"differentiate with respect to it."
             )
         return level.lift(x, requires_grad=True)
-    if isinstance(tree, torch.Tensor):
-        return lift(tree)
-    return tree_map(lift, tree)
+    return map_tensors(lift, tree)
 
 
 def _check_scalar_output(output, api):
@@ -57,26 +60,63 @@ def _tree_str(spec):
     return repr(tree_unflatten([_Leaf()] * spec.num_leaves, spec))
 
 
-def _autograd_grad(level, outputs, inputs, grad_outputs=None, retain_graph=False):
-    """torch.autograd.grad that returns zeros for unused inputs and accepts constant outputs."""
-    pairs = [
-        (o, g) for o, g in zip(outputs, grad_outputs or [None] * len(outputs)) if o.requires_grad
-    ]
+def _autograd_grad(level, outputs, inputs, grad_outputs, retain_graph=False):
+    """torch.autograd.grad that returns zeros for unused inputs and accepts constant outputs.
+
+    Calls the engine directly: torch.autograd.grad's argument checks cost as much as a few
+    ops, and every caller has already checked shapes (vjp_fn) or built the seed (grad).
+    """
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
     if not pairs:
         return tuple(torch.zeros_like(i) for i in inputs)
     level.in_backward = True
     try:
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs],
-            inputs,
-            [g for _, g in pairs] if grad_outputs is not None else None,
-            retain_graph=retain_graph,
-            create_graph=False,
-            allow_unused=True,
+        grads = _ENGINE.run_backward(
+            tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain_graph, False,
+            tuple(inputs), True, False,  # allow_unreachable, accumulate_grad
         )
     finally:
         level.in_backward = False
     return tuple(torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs))
+
+
+def _grad_and_value(func, argnums, has_aux, args, kwargs, api):
+    argnums_list = normalize_argnums(argnums, len(args), api)
+    with GradInterpreter() as level, torch.enable_grad():
+        args = list(args)
+        diff = [_lift_inputs(level, args[i], api) for i in argnums_list]
+        for i, d in zip(argnums_list, diff):
+            args[i] = d
+        with adopting_new_tensors(level):
+            result = func(*args, **kwargs)
+        output, aux = split_aux(result, has_aux, f"{api}(f, has_aux=True)(*args)")
+        _check_scalar_output(output, api)
+        if output.is_complex():
+            raise RuntimeError(
+                f"{api}(f)(*args): expected f(*args) to return a real scalar, got dtype "
+                f"{output.dtype}. Differentiate its real part (.real) or absolute value instead."
+            )
+        # ones_like of the output, not a plain constant: every level below must own the
+        # seed, since backward formulas write into buffers derived from it (functionalize
+        # refuses writes into tensors it does not own; vmap into unbatched ones).
+        seed = [torch.ones_like(output)]
+        flat_diff, rebuilds, counts = [], [], []
+        for d in diff:
+            leaves, rebuild = flatten_tensors(d)
+            flat_diff += leaves
+            rebuilds.append(rebuild)
+            counts.append(len(leaves))
+        flat_grads = [
+            unwrap_tree(g, level) for g in _autograd_grad(level, [output], flat_diff, seed)
+        ]
+        grads, start = [], 0
+        for rebuild, n in zip(rebuilds, counts):
+            grads.append(rebuild(flat_grads[start:start + n]))
+            start += n
+        output = unwrap_tree(output, level)
+        aux = unwrap_tree(aux, level)
+    grads = grads[0] if isinstance(argnums, int) else tuple(grads)
+    return grads, output, aux
 
 
 def grad_and_value(func, argnums=0, has_aux=False):
@@ -84,29 +124,8 @@ def grad_and_value(func, argnums=0, has_aux=False):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        api = "grad_and_value"
-        argnums_list = normalize_argnums(argnums, len(args), api)
-        with GradInterpreter() as level, torch.enable_grad():
-            args = list(args)
-            diff = [_lift_inputs(level, args[i], api) for i in argnums_list]
-            for i, d in zip(argnums_list, diff):
-                args[i] = d
-            with adopting_new_tensors(level):
-                result = func(*args, **kwargs)
-            output, aux = split_aux(result, has_aux, f"{api}(f, has_aux=True)(*args)")
-            _check_scalar_output(output, api)
-            if len(diff) == 1 and isinstance(diff[0], torch.Tensor):
-                grads = [unwrap_tree(_autograd_grad(level, [output], diff)[0], level)]
-            else:
-                flat_diff, diff_spec = tree_flatten(diff)
-                grads = _autograd_grad(level, [output], flat_diff)
-                grads = tree_unflatten([unwrap_tree(g, level) for g in grads], diff_spec)
-            output = unwrap_tree(output, level)
-            aux = unwrap_tree(aux, level)
-        if isinstance(argnums, int):
-            grads = grads[0]
-        else:
-            grads = tuple(grads)
+        grads, output, aux = _grad_and_value(func, argnums, has_aux, args, kwargs,
+                                             "grad_and_value")
         return (grads, (output, aux)) if has_aux else (grads, output)
 
     return wrapper
@@ -122,8 +141,8 @@ def grad(func, argnums=0, has_aux=False):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        grads, value = grad_and_value(func, argnums, has_aux)(*args, **kwargs)
-        return (grads, value[1]) if has_aux else grads
+        grads, _, aux = _grad_and_value(func, argnums, has_aux, args, kwargs, "grad_and_value")
+        return (grads, aux) if has_aux else grads
 
     return wrapper
 

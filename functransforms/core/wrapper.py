@@ -123,6 +123,21 @@ def innermost_level(args, kwargs):
     return best
 
 
+def call_below(func, values, kwargs):
+    """Run ``func`` one level down when no dispatch key needs restoring (no ``lowering``).
+
+    Calling the op would only come back through the Python key to the level below;
+    handing the op to that level directly skips the round trip through the dispatcher,
+    which is the costliest part of a cheap op at a second level.
+    """
+    level = innermost_level(values, kwargs)
+    if level is None:
+        return func._op(*values, **kwargs)
+    if not level.alive:
+        return run_without_dead_wrappers(func, values, kwargs)
+    return level.process(func, values, kwargs)
+
+
 def _strip_dead(x):
     while isinstance(x, LevelTensor) and not x._level.alive:
         x = x._value

@@ -35,6 +35,7 @@ from ..core.wrapper import (
     returned_arg_positions,
     needs_lowering,
     wrap_output,
+    call_below,
 )
 
 aten = torch.ops.aten
@@ -117,7 +118,7 @@ class GradInterpreter(Interpreter):
             with lowering(self.lowered_grad_mode()):
                 out = func._op(*values, **kwargs)
         else:
-            out = func._op(*values, **kwargs)
+            out = call_below(func, values, kwargs)
         if mutated:
             for i in mutated:
                 if isinstance(args[i], LevelTensor) and args[i]._level is self:
