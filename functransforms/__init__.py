@@ -22,10 +22,12 @@ from .batching.fallback import fallback_counts, reset_fallback_counts
 from . import autograd_function as _autograd_function  # noqa: F401  (hooks Function.apply)
 from .api.functionalize import functionalize
 from .api.debug import debug_unwrap
+from .api.capture import capture
 
 __all__ = [
     "functionalize",
     "debug_unwrap",
+    "capture",
     "grad",
     "grad_and_value",
     "vjp",

@@ -16,7 +16,8 @@ from .harness import OURS, Table, add_row, ft_api, peer
 MODELS = {"MLP": models.mlp, "CNN": models.cnn}
 INPUT_SHAPE = {"MLP": (784,), "CNN": (1, 28, 28)}
 LOOP = "loop (autograd.grad per example)"
-IMPLS = [OURS, "torch.func", LOOP, "Opacus", "JAX jit", "JAX no jit"]
+CAPTURED = "functransforms capture"
+IMPLS = [OURS, CAPTURED, "torch.func", LOOP, "Opacus", "JAX jit", "JAX no jit"]
 
 
 def data(model_name, batch):
@@ -25,11 +26,15 @@ def data(model_name, batch):
     return x, torch.randint(0, 10, (batch,), generator=g)
 
 
-def _vmap_grad(vmap, grad, functional_call, model, params, x, y):
+def _psg_function(vmap, grad, functional_call, model):
     def loss(p, xi, yi):
         return F.nll_loss(functional_call(model, p, (xi[None],)), yi[None])
 
-    psg = vmap(grad(loss), in_dims=(None, 0, 0))
+    return vmap(grad(loss), in_dims=(None, 0, 0))
+
+
+def _vmap_grad(vmap, grad, functional_call, model, params, x, y):
+    psg = _psg_function(vmap, grad, functional_call, model)
     return lambda: psg(params, x, y)
 
 
@@ -42,6 +47,13 @@ def builders(model_name, batch):
     def ours():
         return _vmap_grad(ft_api("vmap"), ft_api("grad"), ft_api("functional_call"),
                           model, params, x, y)
+
+    def captured():
+        # The same transformed function, recorded on the first (warm-up) call and replayed.
+        psg = ft_api("capture")(
+            _psg_function(ft_api("vmap"), ft_api("grad"), ft_api("functional_call"), model)
+        )
+        return lambda: psg(params, x, y)
 
     def loop():
         names, leaves = zip(*model.named_parameters())
@@ -82,6 +94,7 @@ def builders(model_name, batch):
 
     return {
         OURS: ours,
+        CAPTURED: captured,
         "torch.func": lambda: _vmap_grad(tf.vmap, tf.grad, tf.functional_call,
                                          model, params, x, y),
         LOOP: loop,
@@ -105,10 +118,23 @@ def run(settings):
             "the same without `jax.jit` (op-by-op dispatch). Opacus: `GradSampleModule` "
             "forward + backward of the summed loss, reading `p.grad_sample`."
         )
+        table.notes.append(
+            f"{CAPTURED}: `ft.capture(vmap(grad(loss)))`, which records the plain aten ops of the "
+            "first call and replays them (NOTE [Capture and replay] in functransforms/api/"
+            "capture.py). The other functransforms row is the eager transform."
+        )
+        table.extra_columns = [(f"{CAPTURED} / torch.func", _ratio_cell(CAPTURED, "torch.func"))]
         for batch in batches:
             add_row(table, batch, builders(model_name, batch), settings)
         tables.append(table)
     return tables
+
+
+def _ratio_cell(num, den):
+    def cell(row):
+        a, b = row.values.get(num), row.values.get(den)
+        return f"{a / b:.2f}" if a and b else "n/a"
+    return cell
 
 
 def _describe(model_name):

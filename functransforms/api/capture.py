@@ -1,0 +1,257 @@
+"""capture: run a transformed function once per input signature, then replay its aten ops.
+
+NOTE [Capture and replay]
+Every level ends in plain aten calls on plain tensors (NOTE [How one op travels] in
+core/wrapper.py). The Python work above them (wrappers, interpreters, autograd on the
+wrappers) decides *which* plain calls run, and for a fixed input signature a pure tensor
+function always decides the same way. ``capture`` records that decision once:
+  * the first call with a new signature runs eagerly under ``_Recorder``, a dispatch mode
+    that sits below every transform's mode. Ops on wrappers pass through it to their level
+    (with the recorder pushed back, so the plain ops they lower to reach it too); plain
+    ops are executed and appended to a tape of ``(op, args, kwargs)`` whose tensor
+    arguments are slots: an input, an earlier op's output, or a constant captured by
+    reference (a module's parameter, a buffer, a tensor built from Python numbers);
+  * later calls with that signature run the tape on the new inputs: no wrappers, no
+    levels, no Python per op beyond the loop itself.
+What is baked in is what a tracing JIT bakes in: Python control flow, Python numbers and
+the identity of captured tensors (their values are read at replay time, so in-place
+updates of parameters are seen). Random ops draw anew on every replay.
+A call the tape cannot stand for runs eagerly every time instead: inputs that require grad
+(torch autograd around the call), data-dependent Python values (``.item()``, ``nonzero``),
+or a result that did not come out of a recorded op.
+"""
+import functools
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..core.wrapper import LevelTensor
+
+_MAX_SIGNATURES = 16
+_DATA_DEPENDENT = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output)
+
+
+class _Slot:
+    """A tensor argument of a taped op: the value in slot ``index`` at replay time."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index):
+        self.index = index
+
+
+class _NotCapturable(Exception):
+    pass
+
+
+class _Recorder(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls):
+        return False
+
+    def __init__(self, inputs):
+        super().__init__()
+        self.slot_of = {}  # id(tensor) -> slot index
+        self.alive = []  # every tensor seen, so no id is reused while recording
+        self.constants = {}  # slot index -> tensor captured by reference
+        self.steps = []
+        self.failure = None
+        for t in inputs:
+            self._slot(t)
+
+    def _slot(self, t):
+        index = self.slot_of.get(id(t))
+        if index is None:
+            index = self.slot_of[id(t)] = len(self.alive)
+            self.alive.append(t)
+        return index
+
+    def _template(self, a):
+        if isinstance(a, torch.Tensor):
+            if id(a) not in self.slot_of:
+                self.constants[self._slot(a)] = a
+            return _Slot(self.slot_of[id(a)])
+        if type(a) in (list, tuple):
+            return type(a)(self._template(b) for b in a)
+        return a
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = tree_flatten((args, kwargs))[0]
+        if any(isinstance(t, LevelTensor) for t in leaves):
+            # What the dispatcher would have done without this mode, with the recorder
+            # back on the stack for the ops the level lowers this one to.
+            with self:
+                return LevelTensor.__torch_dispatch__(func, types, args, kwargs)
+        out = func(*args, **kwargs)
+        if self.failure is None:
+            self._record(func, args, kwargs, leaves, out)
+        return out
+
+    def _record(self, func, args, kwargs, leaves, out):
+        if any(tag in func.tags for tag in _DATA_DEPENDENT):
+            self.failure = f"aten::{func._schema.name} has a data-dependent result"
+            return
+        out_leaves = tree_flatten(out)[0]
+        if any(not isinstance(o, torch.Tensor) and o is not None for o in out_leaves):
+            self.failure = f"aten::{func._schema.name} returned a Python value"
+            return
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves + out_leaves):
+            self.failure = "a tensor inside the function requires grad from torch autograd"
+            return
+        step_args = self._template(args)
+        step_kwargs = {k: self._template(v) for k, v in kwargs.items()}
+        if isinstance(out, torch.Tensor):
+            outs = self._slot(out)
+        elif out is None:
+            outs = None
+        else:
+            outs = tuple(self._slot(o) if isinstance(o, torch.Tensor) else None for o in out)
+        self.steps.append((func._op, step_args, step_kwargs, outs))
+
+
+class _Tape:
+    """The recorded ops of one signature, ready to run on new inputs."""
+
+    def __init__(self, recorder, num_inputs, out_slots, out_spec, out_constants):
+        self.num_inputs = num_inputs
+        self.num_slots = len(recorder.alive)
+        self.constants = list(recorder.constants.items())
+        self.out_slots = out_slots
+        self.out_spec = out_spec
+        self.out_constants = out_constants
+        # Free each intermediate after its last use, as eager execution would.
+        last_use = {}
+        for i, (_, a, k, _) in enumerate(recorder.steps):
+            for s in _slots_in((a, k)):
+                last_use[s] = i
+        keep = set(out_slots) | set(range(num_inputs)) | set(recorder.constants)
+        frees = [[] for _ in recorder.steps]
+        for s, i in last_use.items():
+            if s not in keep:
+                frees[i].append(s)
+        self.steps = [
+            (op, a, k, outs, tuple(f), _has_slot(a) or _has_slot(k))
+            for (op, a, k, outs), f in zip(recorder.steps, frees)
+        ]
+
+    def run(self, inputs):
+        env = [None] * self.num_slots
+        env[:self.num_inputs] = inputs
+        for index, t in self.constants:
+            env[index] = t
+        for op, a, k, outs, frees, has_slots in self.steps:
+            if has_slots:
+                a = _fill(a, env)
+                k = {n: _fill(v, env) for n, v in k.items()} if k else k
+            out = op(*a, **k)
+            if type(outs) is int:
+                env[outs] = out
+            elif outs is not None:
+                for s, o in zip(outs, out):
+                    if s is not None:
+                        env[s] = o
+            for s in frees:
+                env[s] = None
+        leaves = [env[s] if s is not None else c for s, c in zip(self.out_slots, self.out_constants)]
+        return tree_unflatten(leaves, self.out_spec)
+
+
+def _fill(a, env):
+    kind = type(a)
+    if kind is _Slot:
+        return env[a.index]
+    if kind is tuple or kind is list:
+        return kind(_fill(b, env) for b in a)
+    return a
+
+
+def _has_slot(a):
+    return any(True for _ in _slots_in(a))
+
+
+def _slots_in(a):
+    if type(a) is _Slot:
+        yield a.index
+    elif type(a) in (list, tuple):
+        for b in a:
+            yield from _slots_in(b)
+    elif type(a) is dict:
+        for b in a.values():
+            yield from _slots_in(b)
+
+
+def _signature(leaves, spec):
+    """A hashable key for what the tape depends on, or None when the call can't be taped."""
+    key = [spec, torch.is_grad_enabled()]
+    storages = {}
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if type(leaf) is not torch.Tensor or leaf.requires_grad:
+                return None
+            storage = storages.setdefault(leaf.untyped_storage().data_ptr(), len(storages))
+            key.append((tuple(leaf.shape), leaf.stride(), leaf.storage_offset(), leaf.dtype,
+                        leaf.device, storage))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            key.append((type(leaf), leaf))
+    return tuple(key)
+
+
+def capture(func):
+    """``func`` recorded once per input signature and replayed as plain aten ops.
+
+    For transformed functions whose Python dispatch overhead dominates (small models,
+    per-sample gradients at small batch): ``capture(vmap(grad(loss)))``. ``func`` must be a
+    pure function of its tensor inputs, as for a tracing JIT: see NOTE [Capture and replay]
+    for what is baked in and which calls run eagerly instead.
+    """
+    tapes = {}
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        key = _signature(leaves, spec)
+        if key is None:
+            return func(*args, **kwargs)
+        tape = tapes.get(key)
+        if tape is not None:
+            if tape is _EAGER:
+                return func(*args, **kwargs)
+            with torch.no_grad():
+                return tape.run([t for t in leaves if isinstance(t, torch.Tensor)])
+        result, tape = _record(func, args, kwargs, leaves)
+        if len(tapes) < _MAX_SIGNATURES:
+            tapes[key] = tape
+        return result
+
+    return wrapper
+
+
+_EAGER = object()
+
+
+def _record(func, args, kwargs, leaves):
+    inputs = [t for t in leaves if isinstance(t, torch.Tensor)]
+    recorder = _Recorder(inputs)
+    with recorder:
+        result = func(*args, **kwargs)
+    if recorder.failure is not None:
+        return result, _EAGER
+    out_leaves, out_spec = tree_flatten(result)
+    out_slots, out_constants = [], []
+    for o in out_leaves:
+        if isinstance(o, torch.Tensor):
+            index = recorder.slot_of.get(id(o))
+            if index is None or type(o) is not torch.Tensor:
+                return result, _EAGER
+            out_slots.append(index)
+            out_constants.append(None)
+        else:
+            out_slots.append(None)
+            out_constants.append(o)
+    return result, _Tape(recorder, len(inputs), out_slots, out_spec, out_constants)
