@@ -1,11 +1,13 @@
 """capture: a replayed tape gives what eager execution (and torch.func) gives, and calls
 the tape cannot stand for run eagerly."""
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.func as tf
 import torch.nn.functional as F
+from expecttest import TestCase as ExpectTest
 from torch import nn
 
 import functransforms as ft
@@ -103,10 +105,22 @@ def test_non_tensor_outputs_and_aux():
 def test_inputs_that_require_grad_run_eagerly_and_keep_autograd():
     f = ft.capture(ft.vmap(torch.sin))
     x = torch.randn(4, 3, requires_grad=True)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        f(x)
     for _ in range(2):
         y = f(x)
         (g,) = torch.autograd.grad(y.sum(), x)
         torch.testing.assert_close(g, x.cos())
+
+
+def test_eager_fallback_warning_message():
+    def f(x):
+        return x * x.sum().item()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ft.capture(f)(torch.ones(2))
+    self_test = ExpectTest()
+    self_test.assertExpectedInline(str(caught[0].message), """capture(f): runs eagerly on calls it cannot replay: aten::_local_scalar_dense has a data-dependent result.""")
 
 
 def test_data_dependent_python_runs_eagerly():
@@ -187,3 +201,38 @@ def test_called_inside_a_transform_runs_eagerly():
     inner = ft.capture(lambda x: x.sin().sum())
     x = torch.randn(4, 3)
     torch.testing.assert_close(ft.vmap(ft.grad(inner))(x), x.cos())
+
+
+def test_input_also_read_by_closure_stays_a_constant():
+    weight = torch.ones(3)
+    f = ft.capture(lambda x: x * 2 + weight)
+    torch.testing.assert_close(f(weight), torch.full((3,), 3.0))  # recorded with x is weight
+    x = torch.zeros(3)
+    torch.testing.assert_close(f(x), torch.ones(3))
+
+
+def test_returned_input_is_the_callers_tensor():
+    f = ft.capture(lambda x, y: (x, x + y))
+    for _ in range(2):
+        x, y = torch.randn(2), torch.randn(2)
+        out, total = f(x, y)
+        assert out is x
+        torch.testing.assert_close(total, x + y)
+
+
+def test_in_place_shape_change_of_an_input_reaches_the_caller():
+    f = ft.capture(lambda x: x.t_().sum(0))
+    for _ in range(2):
+        x = torch.randn(2, 3)
+        expected = x.clone().t().sum(0)
+        torch.testing.assert_close(f(x), expected)
+        assert x.shape == (3, 2)
+
+
+def test_returned_closure_tensor_is_not_the_input():
+    weight = torch.ones(3)
+    f = ft.capture(lambda x: (weight, x + 1))
+    f(weight)
+    out, plus = f(torch.zeros(3))
+    assert out is weight
+    torch.testing.assert_close(plus, torch.ones(3))

@@ -13,14 +13,18 @@ function always decides the same way. ``capture`` records that decision once:
     reference (a module's parameter, a buffer, a tensor built from Python numbers);
   * later calls with that signature run the tape on the new inputs: no wrappers, no
     levels, no Python per op beyond the loop itself.
-What is baked in is what a tracing JIT bakes in: Python control flow, Python numbers and
+What is baked in is what a tracing JIT bakes in: Python control flow, Python numbers
+(including any read from tensors without an op, as ``.tolist()`` and ``.numpy()`` do) and
 the identity of captured tensors (their values are read at replay time, so in-place
-updates of parameters are seen). Random ops draw anew on every replay.
+updates of parameters are seen). Random ops draw anew on every replay. The recording call
+keeps every tensor it sees alive until it returns, so its peak memory is higher than an
+eager call's.
 A call the tape cannot stand for runs eagerly every time instead: inputs that require grad
 (torch autograd around the call), data-dependent Python values (``.item()``, ``nonzero``),
 or a result that did not come out of a recorded op.
 """
 import functools
+import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,10 +43,6 @@ class _Slot:
 
     def __init__(self, index):
         self.index = index
-
-
-class _NotCapturable(Exception):
-    pass
 
 
 class _Recorder(TorchDispatchMode):
@@ -91,14 +91,17 @@ class _Recorder(TorchDispatchMode):
 
     def _record(self, func, args, kwargs, leaves, out):
         if any(tag in func.tags for tag in _DATA_DEPENDENT):
-            self.failure = f"aten::{func._schema.name} has a data-dependent result"
+            self.failure = f"{func._schema.name} has a data-dependent result"
             return
         out_leaves = tree_flatten(out)[0]
         if any(not isinstance(o, torch.Tensor) and o is not None for o in out_leaves):
-            self.failure = f"aten::{func._schema.name} returned a Python value"
+            self.failure = f"{func._schema.name} returned a Python value"
             return
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves + out_leaves):
-            self.failure = "a tensor inside the function requires grad from torch autograd"
+            self.failure = (
+                f"{func._schema.name} saw a tensor that requires grad (torch autograd "
+                f"around the call)"
+            )
             return
         step_args = self._template(args)
         step_kwargs = {k: self._template(v) for k, v in kwargs.items()}
@@ -211,12 +214,17 @@ def capture(func):
     for what is baked in and which calls run eagerly instead.
     """
     tapes = {}
+    warned = []  # falling back to eager execution is a slow path: say so once per function
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         leaves, spec = tree_flatten((args, kwargs))
         key = _signature(leaves, spec)
         if key is None:
+            if not warned:
+                warned.append(True)
+                _warn_eager(func, "an input is a tensor subclass or requires grad, or an "
+                                  "argument is not hashable")
             return func(*args, **kwargs)
         tape = tapes.get(key)
         if tape is not None:
@@ -224,7 +232,10 @@ def capture(func):
                 return func(*args, **kwargs)
             with torch.no_grad():
                 return tape.run([t for t in leaves if isinstance(t, torch.Tensor)])
-        result, tape = _record(func, args, kwargs, leaves)
+        result, tape, failure = _record(func, args, kwargs, leaves, spec)
+        if failure is not None and not warned:
+            warned.append(True)
+            _warn_eager(func, failure)
         if len(tapes) < _MAX_SIGNATURES:
             tapes[key] = tape
         return result
@@ -235,23 +246,60 @@ def capture(func):
 _EAGER = object()
 
 
-def _record(func, args, kwargs, leaves):
-    inputs = [t for t in leaves if isinstance(t, torch.Tensor)]
+def _warn_eager(func, reason):
+    name = getattr(func, "__name__", repr(func))
+    warnings.warn(f"capture({name}): runs eagerly on calls it cannot replay: {reason}.",
+                  stacklevel=3)
+
+
+def _write_back_metadata(pairs):
+    """In-place shape changes (``t_``, ``resize_``) of an input alias reach the caller's
+    tensor, as they would have without the alias."""
+    for alias, original in pairs:
+        if (alias.shape != original.shape or alias.stride() != original.stride()
+                or alias.storage_offset() != original.storage_offset()
+                or alias.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()):
+            with torch.no_grad():
+                original.set_(alias)
+
+
+def _record(func, args, kwargs, leaves, spec):
+    # The function sees fresh aliases of its tensor inputs, so a tensor it also reads by
+    # closure (the very object passed in) is told apart from the input and stays a constant.
+    pairs = []
+    aliased = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            pairs.append((leaf.detach(), leaf))
+            aliased.append(pairs[-1][0])
+        else:
+            aliased.append(leaf)
+    originals = {id(alias): original for alias, original in pairs}
+    inputs = [alias for alias, _ in pairs]
     recorder = _Recorder(inputs)
-    with recorder:
-        result = func(*args, **kwargs)
+    args, kwargs = tree_unflatten(aliased, spec)
+    try:
+        with recorder:
+            result = func(*args, **kwargs)
+    finally:
+        _write_back_metadata(pairs)
+    recorded_leaves, out_spec = tree_flatten(result)
+    # An input handed back is the caller's own tensor, as in an eager call.
+    result = tree_unflatten(
+        [originals.get(id(o), o) if isinstance(o, torch.Tensor) else o for o in recorded_leaves],
+        out_spec,
+    )
     if recorder.failure is not None:
-        return result, _EAGER
-    out_leaves, out_spec = tree_flatten(result)
+        return result, _EAGER, recorder.failure
     out_slots, out_constants = [], []
-    for o in out_leaves:
+    for o in recorded_leaves:
         if isinstance(o, torch.Tensor):
             index = recorder.slot_of.get(id(o))
             if index is None or type(o) is not torch.Tensor:
-                return result, _EAGER
+                return result, _EAGER, "a result does not come out of a recorded op"
             out_slots.append(index)
             out_constants.append(None)
         else:
             out_slots.append(None)
             out_constants.append(o)
-    return result, _Tape(recorder, len(inputs), out_slots, out_spec, out_constants)
+    return result, _Tape(recorder, len(inputs), out_slots, out_spec, out_constants), None
