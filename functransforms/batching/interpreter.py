@@ -42,23 +42,6 @@ class BatchedTensor(LevelTensor):
     def __repr__(self, *, tensor_contents=None):
         return f"BatchedTensor(level={self._level.depth}, bdim=0, value={self._value!r})"
 
-    # torch autograd never tracks a BatchedTensor unless the user asks for it inside vmap
-    # (torch.func refuses that; we allow it): note it, so levels above keep lowering views.
-    def requires_grad_(self, requires_grad=True):
-        if requires_grad:
-            self._level.wrappers_tracked = True
-        return super().requires_grad_(requires_grad)
-
-    @property
-    def requires_grad(self):
-        return _REQUIRES_GRAD.__get__(self)
-
-    @requires_grad.setter
-    def requires_grad(self, requires_grad):
-        if requires_grad:
-            self._level.wrappers_tracked = True
-        _REQUIRES_GRAD.__set__(self, requires_grad)
-
     def tolist(self):
         # torch refuses .tolist() on any subclass before dispatch, with a message that does
         # not say why or what to do; under vmap the reason is the same as for .item().
@@ -72,7 +55,6 @@ class BatchedTensor(LevelTensor):
 
 
 _NO_KWARGS = {}
-_REQUIRES_GRAD = torch._C.TensorBase.requires_grad
 
 class VmapInterpreter(Interpreter):
     kind = "vmap"
@@ -81,7 +63,6 @@ class VmapInterpreter(Interpreter):
         super().__init__()
         self.batch_size = batch_size
         self.randomness = randomness
-        self.wrappers_tracked = False
 
     def lift(self, value):
         return BatchedTensor(value, self)

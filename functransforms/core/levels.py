@@ -110,9 +110,6 @@ class Interpreter:
         # True while the user's function runs under this level and the level claims the
         # tensors it creates (grad and jvp do; see NOTE [Ops no wrapper reaches]).
         self.adopting = False
-        # Whether torch autograd may track this level's wrappers themselves (not only their
-        # values). A level above can skip ``lowering`` for views of wrappers it cannot.
-        self.wrappers_tracked = True
 
     def adopt(self, tensor):
         return tensor

@@ -114,7 +114,7 @@ class GradInterpreter(Interpreter):
             tracked = tracked or any(
                 isinstance(v, torch.Tensor) and needs_lowering(v) for v in kwargs.values()
             )
-        if tracked or (aliasing_op(func) and (mutated or _views_need_lowering(values))):
+        if tracked or aliasing_op(func):
             with lowering(self.lowered_grad_mode()):
                 out = func._op(*values, **kwargs)
         else:
@@ -135,19 +135,6 @@ class GradInterpreter(Interpreter):
         if isinstance(out, torch.Tensor):
             return GradTensor(out, self)
         return wrap_output(out, lambda t: GradTensor(t, self))
-
-
-def _views_need_lowering(values):
-    """Views record their base below so that a later in-place write there is tracked (see
-    ``aliasing_op``). Wrappers of a level whose wrappers autograd never tracks (vmap's)
-    need no such record: their own level records the view of its values."""
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            if not isinstance(v, LevelTensor) or v._level.wrappers_tracked:
-                return True
-        elif type(v) in (list, tuple):
-            return True
-    return False
 
 
 def _sync_metadata(wrapper):
