@@ -71,3 +71,23 @@ def test_complex_grad_through_conj():
     f = lambda a: (a.conj() * a).real.sum()  # noqa: E731
     torch.testing.assert_close(ft.grad(f)(x), tf.grad(f)(x))
     torch.testing.assert_close(ft.vmap(ft.grad(f))(x.expand(2, 4)), tf.vmap(tf.grad(f))(x.expand(2, 4)))
+
+
+def test_torch_autograd_on_batched_tensors_through_views():
+    # Beyond torch.func (which refuses requires_grad_ inside vmap): autograd on a vmap
+    # level's own wrappers, with a write through a view, also under a grad level above.
+    def f(x):
+        x = x.clone()
+        x.requires_grad_()
+        buf = x.new_zeros(x.shape)
+        buf[:2].copy_(x[:2] * 2)
+        return torch.autograd.grad(buf.sum(), x)[0]
+
+    xs = torch.randn(4, 3)
+    expected = torch.tensor([2.0, 2.0, 0.0]).expand(4, 3)
+    torch.testing.assert_close(ft.vmap(f)(xs), expected)
+
+    def g(w):
+        return ft.vmap(lambda x: f(x * w).sum())(xs).sum()
+
+    torch.testing.assert_close(ft.grad(g)(torch.tensor(1.5)), torch.tensor(0.0))
