@@ -451,3 +451,17 @@ def test_grad_of_vmap_mm_and_conv():
     assert ft.fallback_counts() == {}
     expected = tf.grad(lambda *a: loss(tf.vmap, *a), argnums=(0, 2))(w, x, bias)
     assert_close_tree(actual, expected)
+
+
+def test_pooling_backward_with_unbatched_input_and_indices():
+    # vmap over cotangents only: the input and indices reach the backward kernel expanded
+    # over the batch; adaptive_max_pool3d_backward used to read past them and crash.
+    x = torch.randn(1, 4, 4, 3, 5)
+    cts = torch.randn(3, 1, 4, 4, 3, 5)
+
+    def f(x):
+        return torch.nn.functional.adaptive_max_pool3d(x, (4, 3, 5))
+
+    _, ft_vjp = ft.vjp(f, x)
+    _, tf_vjp = tf.vjp(f, x)
+    torch.testing.assert_close(ft.vmap(ft_vjp)(cts), tf.vmap(tf_vjp)(cts))

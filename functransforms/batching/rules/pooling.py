@@ -27,7 +27,10 @@ def _fold_rule(spatial, tensor_positions):
             if x.dim() > full_rank:
                 x = x.flatten(0, 1)
                 folded = True
-            args[i] = x
+            # An unbatched argument arrives expanded (stride 0 over the batch); some CPU
+            # kernels (adaptive_max_pool3d_backward) index their inputs as if contiguous and
+            # would read past the end of the storage.
+            args[i] = x.contiguous()
         out = func(*args, **kwargs)
         if folded:
             if isinstance(out, torch.Tensor):
