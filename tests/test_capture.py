@@ -236,3 +236,23 @@ def test_returned_closure_tensor_is_not_the_input():
     out, plus = f(torch.zeros(3))
     assert out is weight
     torch.testing.assert_close(plus, torch.ones(3))
+
+
+def test_integer_indexing_and_metadata_queries_are_replayed():
+    index = torch.tensor([2, 0])
+
+    def f(x):
+        return (x[index] * 2).sum() + torch.result_type(x, 1.0).is_floating_point
+    g = ft.capture(ft.vmap(ft.grad(f)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no eager fallback
+        for _ in range(2):
+            x = torch.randn(4, 3)
+            torch.testing.assert_close(g(x), tf.vmap(tf.grad(f))(x))
+
+
+def test_boolean_mask_indexing_runs_eagerly():
+    f = ft.capture(lambda x: x[x > 0].sum())
+    with pytest.warns(UserWarning, match="data-dependent"):
+        f(torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(f(torch.tensor([-1.0, 2.0])), torch.tensor(2.0))

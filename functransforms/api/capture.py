@@ -34,6 +34,17 @@ from ..core.wrapper import LevelTensor
 
 _MAX_SIGNATURES = 16
 _DATA_DEPENDENT = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output)
+# Ops returning Python values computed from metadata alone, which the signature fixes.
+_METADATA_ONLY = frozenset(
+    {"aten::result_type", "aten::is_same_size", "aten::_has_compatible_shallow_copy_type"}
+)
+
+
+def _data_dependent(func, args):
+    if func is torch.ops.aten.index.Tensor:
+        # Only a boolean mask makes the result's shape depend on values.
+        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return any(tag in func.tags for tag in _DATA_DEPENDENT)
 
 
 class _Slot:
@@ -90,11 +101,13 @@ class _Recorder(TorchDispatchMode):
         return out
 
     def _record(self, func, args, kwargs, leaves, out):
-        if any(tag in func.tags for tag in _DATA_DEPENDENT):
+        if _data_dependent(func, args):
             self.failure = f"{func._schema.name} has a data-dependent result"
             return
         out_leaves = tree_flatten(out)[0]
-        if any(not isinstance(o, torch.Tensor) and o is not None for o in out_leaves):
+        if func._schema.name not in _METADATA_ONLY and any(
+            not isinstance(o, torch.Tensor) and o is not None for o in out_leaves
+        ):
             self.failure = f"{func._schema.name} returned a Python value"
             return
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves + out_leaves):
@@ -107,10 +120,10 @@ class _Recorder(TorchDispatchMode):
         step_kwargs = {k: self._template(v) for k, v in kwargs.items()}
         if isinstance(out, torch.Tensor):
             outs = self._slot(out)
-        elif out is None:
-            outs = None
-        else:
+        elif isinstance(out, (tuple, list)):
             outs = tuple(self._slot(o) if isinstance(o, torch.Tensor) else None for o in out)
+        else:
+            outs = None  # None, or a metadata value nothing later reads from the tape
         self.steps.append((func._op, step_args, step_kwargs, outs))
 
 
