@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..core.wrapper import LevelTensor
+from .pytree import flatten_tensors
 
 _MAX_SIGNATURES = 16
 _DATA_DEPENDENT = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output)
@@ -130,12 +131,12 @@ class _Recorder(TorchDispatchMode):
 class _Tape:
     """The recorded ops of one signature, ready to run on new inputs."""
 
-    def __init__(self, recorder, num_inputs, out_slots, out_spec, out_constants):
+    def __init__(self, recorder, num_inputs, out_slots, rebuild_output, out_constants):
         self.num_inputs = num_inputs
         self.num_slots = len(recorder.alive)
         self.constants = list(recorder.constants.items())
         self.out_slots = out_slots
-        self.out_spec = out_spec
+        self.rebuild_output = rebuild_output
         self.out_constants = out_constants
         # Free each intermediate after its last use, as eager execution would.
         last_use = {}
@@ -148,7 +149,7 @@ class _Tape:
             if s not in keep:
                 frees[i].append(s)
         self.steps = [
-            (op, a, k, outs, tuple(f), _has_slot(a) or _has_slot(k))
+            (op, *_compile_args(a, k), outs, tuple(f))
             for (op, a, k, outs), f in zip(recorder.steps, frees)
         ]
 
@@ -157,11 +158,18 @@ class _Tape:
         env[:self.num_inputs] = inputs
         for index, t in self.constants:
             env[index] = t
-        for op, a, k, outs, frees, has_slots in self.steps:
-            if has_slots:
-                a = _fill(a, env)
-                k = {n: _fill(v, env) for n, v in k.items()} if k else k
-            out = op(*a, **k)
+        for op, args, direct, nested, kwargs, kw_slots, outs, frees in self.steps:
+            if direct or nested:
+                args = list(args)
+                for position, slot in direct:
+                    args[position] = env[slot]
+                for position, template in nested:
+                    args[position] = _fill(template, env)
+            if kw_slots:
+                kwargs = dict(kwargs)
+                for name, template in kw_slots:
+                    kwargs[name] = _fill(template, env)
+            out = op(*args, **kwargs)
             if type(outs) is int:
                 env[outs] = out
             elif outs is not None:
@@ -171,7 +179,18 @@ class _Tape:
             for s in frees:
                 env[s] = None
         leaves = [env[s] if s is not None else c for s, c in zip(self.out_slots, self.out_constants)]
-        return tree_unflatten(leaves, self.out_spec)
+        return self.rebuild_output(leaves)
+
+
+def _compile_args(args, kwargs):
+    """Split a step's argument templates so that a replay fills only the slots: positional
+    slots directly, slots inside lists through ``_fill``; the rest stays as recorded."""
+    direct = tuple((i, a.index) for i, a in enumerate(args) if type(a) is _Slot)
+    nested = tuple(
+        (i, a) for i, a in enumerate(args) if type(a) is not _Slot and _has_slot(a)
+    )
+    kw_slots = tuple((k, v) for k, v in kwargs.items() if _has_slot(v))
+    return tuple(args), direct, nested, kwargs, kw_slots
 
 
 def _fill(a, env):
@@ -196,6 +215,39 @@ def _slots_in(a):
     elif type(a) is dict:
         for b in a.values():
             yield from _slots_in(b)
+
+
+def _flatten_call(args, kwargs):
+    """``(leaves, structure)`` of a call's arguments. The usual call (Tensors and dicts of
+    Tensors, no kwargs) skips torch's pytree walk, which costs more than a small replay."""
+    if not kwargs:
+        leaves, structure = [], []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                leaves.append(a)
+                structure.append(None)
+            elif type(a) is dict and all(isinstance(v, torch.Tensor) for v in a.values()):
+                leaves.extend(a.values())
+                structure.append(tuple(a))
+            else:
+                break
+        else:
+            return leaves, tuple(structure)
+    return tree_flatten((args, kwargs))
+
+
+def _unflatten_call(leaves, structure):
+    if type(structure) is not tuple:
+        return tree_unflatten(leaves, structure)
+    args, start = [], 0
+    for keys in structure:
+        if keys is None:
+            args.append(leaves[start])
+            start += 1
+        else:
+            args.append(dict(zip(keys, leaves[start:start + len(keys)])))
+            start += len(keys)
+    return tuple(args), {}
 
 
 def _signature(leaves, spec):
@@ -231,7 +283,7 @@ def capture(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        leaves, spec = tree_flatten((args, kwargs))
+        leaves, spec = _flatten_call(args, kwargs)
         key = _signature(leaves, spec)
         if key is None:
             if not warned:
@@ -290,17 +342,16 @@ def _record(func, args, kwargs, leaves, spec):
     originals = {id(alias): original for alias, original in pairs}
     inputs = [alias for alias, _ in pairs]
     recorder = _Recorder(inputs)
-    args, kwargs = tree_unflatten(aliased, spec)
+    args, kwargs = _unflatten_call(aliased, spec)
     try:
         with recorder:
             result = func(*args, **kwargs)
     finally:
         _write_back_metadata(pairs)
-    recorded_leaves, out_spec = tree_flatten(result)
+    recorded_leaves, rebuild = flatten_tensors(result)
     # An input handed back is the caller's own tensor, as in an eager call.
-    result = tree_unflatten(
-        [originals.get(id(o), o) if isinstance(o, torch.Tensor) else o for o in recorded_leaves],
-        out_spec,
+    result = rebuild(
+        [originals.get(id(o), o) if isinstance(o, torch.Tensor) else o for o in recorded_leaves]
     )
     if recorder.failure is not None:
         return result, _EAGER, recorder.failure
@@ -315,4 +366,4 @@ def _record(func, args, kwargs, leaves, spec):
         else:
             out_slots.append(None)
             out_constants.append(o)
-    return result, _Tape(recorder, len(inputs), out_slots, out_spec, out_constants), None
+    return result, _Tape(recorder, len(inputs), out_slots, rebuild, out_constants), None
