@@ -109,6 +109,11 @@ class TestErrors(expecttest.TestCase):
         msg = self.message(RuntimeError, lambda: ft.grad(lambda x: 1.0)(X))
         self.assertExpectedInline(msg, """grad_and_value(f)(*args): expected f(*args) to return a Tensor, got float.""")
 
+    def test_vjp_complex_cotangent_for_real_output(self):
+        _, vjp_fn = ft.vjp(torch.sin, X)
+        msg = self.message(RuntimeError, lambda: vjp_fn(X.to(torch.complex64)))
+        self.assertExpectedInline(msg, """vjp_fn: a cotangent has dtype torch.complex64 but the output it belongs to has dtype torch.float32; a complex output needs a complex cotangent and a real output a real one.""")
+
     def test_grad_of_complex_output(self):
         msg = self.message(RuntimeError, lambda: ft.grad(lambda x: (x * 1j).sum())(X))
         self.assertExpectedInline(msg, """grad_and_value(f)(*args): expected f(*args) to return a real scalar, got dtype torch.complex64. Differentiate its real part (.real) or absolute value instead.""")

@@ -5,8 +5,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, _broadca
 from ..core.wrapper import LevelTensor
 
 __all__ = ["tree_flatten", "tree_map", "tree_unflatten", "broadcast_to_and_flatten",
-           "unwrap_tree", "flatten_tensors", "map_tensors", "normalize_argnums", "select_args", "structure_repr", "split_aux",
-           "type_name"]
+           "unwrap_tree", "flatten_tensors", "map_tensors", "normalize_argnums", "select_args",
+           "structure_repr", "split_aux", "type_name"]
 
 
 def broadcast_to_and_flatten(prefix, spec):

@@ -185,6 +185,12 @@ def vjp(func, *primals, has_aux=False):
                     f"vjp_fn: a cotangent has shape {tuple(ct.shape)} but the output it belongs "
                     f"to has shape {tuple(o.shape)}."
                 )
+            if ct.is_complex() != o.is_complex():
+                raise RuntimeError(
+                    f"vjp_fn: a cotangent has dtype {ct.dtype} but the output it belongs to has "
+                    f"dtype {o.dtype}; a complex output needs a complex cotangent and a real "
+                    f"output a real one."
+                )
         # NOTE [Re-entering a vjp level]: the level was popped when vjp returned. Its graph is
         # still there, so the backward pass re-enters the level on top of whatever transforms
         # are active now (vmap(vjp_fn) puts it above the vmap), with the grad mode of this call.
