@@ -256,3 +256,11 @@ def test_boolean_mask_indexing_runs_eagerly():
     with pytest.warns(UserWarning, match="data-dependent"):
         f(torch.tensor([1.0, -1.0]))
     torch.testing.assert_close(f(torch.tensor([-1.0, 2.0])), torch.tensor(2.0))
+
+
+def test_too_many_signatures_run_eagerly():
+    f = ft.capture(ft.vmap(torch.sin))
+    with pytest.warns(UserWarning, match="already recorded for 16 input signatures"):
+        for batch in range(1, 19):
+            x = torch.randn(batch, 2)
+            torch.testing.assert_close(f(x), x.sin())

@@ -297,12 +297,17 @@ def capture(func):
                 return func(*args, **kwargs)
             with torch.no_grad():
                 return tape.run([t for t in leaves if isinstance(t, torch.Tensor)])
+        if len(tapes) >= _MAX_SIGNATURES:
+            if not warned:
+                warned.append(True)
+                _warn_eager(func, f"it was already recorded for {_MAX_SIGNATURES} input "
+                                  f"signatures (shapes, dtypes, argument values)")
+            return func(*args, **kwargs)
         result, tape, failure = _record(func, args, kwargs, leaves, spec)
         if failure is not None and not warned:
             warned.append(True)
             _warn_eager(func, failure)
-        if len(tapes) < _MAX_SIGNATURES:
-            tapes[key] = tape
+        tapes[key] = tape
         return result
 
     return wrapper
