@@ -80,7 +80,7 @@ def _stack_outputs(outs):
     return tree_unflatten(columns, spec)
 
 
-def _close(actual, expected):
+def _close(actual, expected, rtol=1e-3, atol=1e-4):
     a_flat, a_spec = tree_flatten(actual)
     e_flat, e_spec = tree_flatten(expected)
     if a_spec != e_spec:
@@ -95,7 +95,7 @@ def _close(actual, expected):
                 return f"dtype {a.dtype} != {e.dtype}"
             if e.layout != torch.strided:
                 a, e = a.to_dense(), e.to_dense()
-            if not torch.allclose(a, e, rtol=1e-3, atol=1e-4, equal_nan=True):
+            if not torch.allclose(a, e, rtol=rtol, atol=atol, equal_nan=True):
                 return "values differ"
         elif a != e:
             return f"{a!r} != {e!r}"
@@ -103,34 +103,37 @@ def _close(actual, expected):
 
 
 class Transforms:
-    """A (vmap, vjp) pair to test: functransforms' or torch.func's."""
+    """A vmap and the derivative transforms it maps over: functransforms' or torch.func's."""
 
-    def __init__(self, vmap, vjp):
-        self.vmap, self.vjp = vmap, vjp
+    def __init__(self, vmap, vjp, jvp=None):
+        self.vmap, self.vjp, self.jvp = vmap, vjp, jvp
 
 
 class Case:
-    """One batched call: ``build(vjp)`` mapped over ``batched`` (stacked along ``in_dims``)."""
+    """One batched call: ``build(transforms.<uses>)`` mapped over ``batched`` (stacked along
+    ``in_dims``)."""
 
-    def __init__(self, label, build, batched, in_dims, reference):
+    def __init__(self, label, build, batched, in_dims, reference, uses="vjp", tol=(1e-3, 1e-4)):
         self.label, self.build, self.batched, self.in_dims, self.reference = (
             label, build, batched, in_dims, reference)
+        self.uses, self.tol = uses, tol
 
     def run(self, transforms):
         """None when ``transforms`` match the reference, else 'error: ...' or 'mismatch: ...'."""
         try:
-            fn = self.build(transforms.vjp)
+            fn = self.build(getattr(transforms, self.uses))
             out = transforms.vmap(fn, in_dims=self.in_dims)(*self.batched)
         except Exception as e:
             return f"error: {short(e)}"
-        reason = _close(out, self.reference)
+        reason = _close(out, self.reference, *self.tol)
         return None if reason is None else f"mismatch: {reason}"
 
 
-def _make_case(label, build, examples, in_dim):
+def _make_case(label, build, examples, in_dim, uses="vjp", tol=(1e-3, 1e-4)):
     """``examples``: per batched argument, the list of its BATCH per-example values. The
-    reference loops over examples with the function built around torch.func.vjp."""
-    fn = build(torch.func.vjp)
+    reference loops over examples with the function built around torch.func's ``uses``
+    transform (vjp or jvp)."""
+    fn = build(getattr(torch.func, uses))
     # Stacked before the reference runs: in-place ops would change the copies.
     batched = [torch.stack(ex, dim=in_dim) for ex in examples]
     try:
@@ -140,7 +143,7 @@ def _make_case(label, build, examples, in_dim):
             reference = _stack_outputs(outs)
     except Exception as e:
         raise Skip(short(e)) from e
-    return Case(label, build, batched, (in_dim,) * len(batched), reference)
+    return Case(label, build, batched, (in_dim,) * len(batched), reference, uses, tol)
 
 
 def vmap_cases(op, n_samples=3):
@@ -223,6 +226,53 @@ def vjp_cases(op, n_samples=3):
             try:
                 yield _make_case(
                     label, lambda vjp, a=arrange, b=build: b(vjp, a), examples, 0)
+            except Skip:
+                continue
+
+
+def jvp_cases(op, n_samples=3, dtype=torch.float64):
+    """Cases of vmap over the jvp of the op w.r.t. its differentiable float tensors.
+
+    Two cases per sample: only the tangents batched (the jacfwd pattern), and primals and
+    tangents batched together. Compared in float64 with derivative tolerances.
+    """
+    gen = torch.Generator().manual_seed(0)
+    samples = op.sample_inputs("cpu", dtype, requires_grad=True)
+    for s_idx, sample in enumerate(samples):
+        if s_idx == n_samples:
+            break
+        sfn = SampleFn(op, sample)
+        leaves = tree_flatten((sample.input, sample.args, sample.kwargs))[0]
+        diff_pos = [i for i in sfn.float_pos if leaves[i].requires_grad]
+        if not diff_pos:
+            continue
+        fn = sfn.bind(diff_pos)
+
+        def primal_fn(*xs, fn=fn):
+            torch.manual_seed(0)  # random ops draw the same numbers on every path
+            return _float_outputs(fn(*xs))
+
+        primals = [sfn.leaves[i] for i in diff_pos]
+        n = len(primals)
+
+        def build(jvp, arrange, primal_fn=primal_fn, n=n):
+            def pushforward(*batched):
+                xs = arrange(*batched)
+                return jvp(primal_fn, tuple(xs[:n]), tuple(xs[n:]))
+            return pushforward
+
+        tangents = [[torch.randn(p.shape, generator=gen).to(p.dtype) for p in primals]
+                    for _ in range(BATCH)]
+        t_columns = [list(col) for col in zip(*tangents)]
+        p_copies = [_perturbed_copies(p, gen) for p in primals]
+        variants = [
+            (f"s{s_idx} jvp tangents", t_columns, lambda *t, p=tuple(primals): p + t),
+            (f"s{s_idx} jvp all", p_copies + t_columns, lambda *a: a),
+        ]
+        for label, examples, arrange in variants:
+            try:
+                yield _make_case(label, lambda jvp, a=arrange, b=build: b(jvp, a), examples, 0,
+                                 uses="jvp", tol=(1e-5, 1e-7))
             except Skip:
                 continue
 

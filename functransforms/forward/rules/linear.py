@@ -153,10 +153,12 @@ def view_dtype(func, primals, tangents, kwargs):
 @jvp_rule(aten.as_strided.default, aten.as_strided_copy.default)
 def as_strided(func, primals, tangents, kwargs):
     # as_strided addresses memory, so the tangent is first laid out exactly like the primal.
+    # The buffer is made from the tangent: under vmap a batched tangent then gets a batched
+    # buffer (a plain one could not receive the copy).
     x, size, stride = primals[:3]
     offset = primals[3] if len(primals) > 3 and primals[3] is not None else x.storage_offset()
     out = func(*primals, **kwargs)
-    laid_out = torch.empty_strided(x.shape, x.stride(), dtype=out.dtype, device=x.device)
+    laid_out = tangents[0].new_empty_strided(x.shape, x.stride(), dtype=out.dtype)
     laid_out.copy_(tangents[0])
     rel = offset - x.storage_offset()
     return out, laid_out.as_strided(size, stride, laid_out.storage_offset() + rel)

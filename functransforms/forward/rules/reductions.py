@@ -106,6 +106,18 @@ def log_softmax(func, primals, tangents, kwargs):
     return out, t - (out.exp() * t).sum(dim, keepdim=True)
 
 
+@jvp_rule(aten.logcumsumexp.default)
+def logcumsumexp(func, primals, tangents, kwargs):
+    # torch's own formula, eps included, so results agree with it to the last bits. The
+    # general fallback's double vjp would differentiate logcumsumexp's backward, which takes
+    # the log of the cotangent and gives NaN at the zero cotangent it starts from.
+    x, dim = primals[0], primals[1]
+    out = func(*primals, **kwargs)
+    w = x.exp() if x.is_complex() else (x - x.amax(dim, keepdim=True)).exp()
+    t = (w * fit_tangent(tangents[0], x)).cumsum(dim)
+    return out, t / (w.cumsum(dim) + 1e-13)
+
+
 def _named_args(func, primals, kwargs):
     names = [a.name for a in func._schema.arguments]
     named = dict(zip(names, primals))
