@@ -1,8 +1,9 @@
 """The general JVP fallback for ops with neither a rule nor a decomposition.
 
 Two ways, both built on derivative formulas torch already has:
-  * at the bottom of the stack (every primal and tangent a plain tensor) torch's own
-    forward AD runs the op once on dual tensors;
+  * when every primal and tangent is plain or batched by vmap levels only, torch's own
+    forward AD runs the op once on dual tensors (the formula's ops on batched tensors reach
+    the vmap levels as usual);
   * otherwise the double-vjp trick with our own grad levels: for ``u -> vjp_fn(u)``,
     which is linear in the cotangent ``u``, the vjp with respect to ``u`` applied to the
     tangent is the JVP. It costs a backward and a double backward, but works whatever
@@ -62,8 +63,14 @@ def _split_flat(level, args, kwargs):
     return primals, tangents, spec
 
 
-def _is_plain(x):
-    return not isinstance(x, LevelTensor)
+def _only_batched(x):
+    """Plain, or batched by vmap levels only: torch's forward AD can run on it, its formula's
+    ops reaching the vmap levels like any others."""
+    while isinstance(x, LevelTensor):
+        if x._level.kind != "vmap":
+            return False
+        x = x._value
+    return True
 
 
 def general_jvp(level, func, args, kwargs):
@@ -75,8 +82,8 @@ def general_jvp(level, func, args, kwargs):
     _note(func)
     primals, tangents, spec = _split_flat(level, args, kwargs)
     with lowering(None):
-        if all(_is_plain(x) for x in primals if isinstance(x, torch.Tensor)) and all(
-            t is None or _is_plain(t) for t in tangents
+        if all(_only_batched(x) for x in primals if isinstance(x, torch.Tensor)) and all(
+            t is None or _only_batched(t) for t in tangents
         ):
             out, out_tangents = _torch_forward_ad(func, primals, tangents, spec)
         else:

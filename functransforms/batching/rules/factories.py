@@ -24,6 +24,26 @@ def new_factory(interp, func, args, bdims, kwargs):
     return func(x, [x.shape[0], *size], *rest, **kwargs), 0
 
 
+@batch_rule(aten._new_zeros_with_same_feature_meta.default)
+def new_zeros_with_same_feature_meta(interp, func, args, bdims, kwargs):
+    """Zeros shaped like ``self``'s leading dims followed by ``other``, laid out like ``other``
+    (torch's forward AD makes tangent buffers with it). The batch dim becomes one more
+    leading dim of ``self``; ``other`` contributes one example's layout."""
+    self, other = args[0], args[1]
+    n = kwargs.get("self_num_batch_dims", 0)
+    self = ensure_batched(self, bdims[0], interp.batch_size)
+    if bdims[1] is not None:
+        other = other[0]
+    return func(self, other, self_num_batch_dims=n + 1), 0
+
+
+@batch_rule(aten._has_same_storage_numel.default)
+def has_same_storage_numel(interp, func, args, bdims, kwargs):
+    # Every example of a batched value is a view into the one physical storage: the answer
+    # per example is the answer for the physical values.
+    return func(*args, **kwargs), None
+
+
 @batch_rule(aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
             aten.full_like.default)
 def like_factory(interp, func, args, bdims, kwargs):

@@ -89,6 +89,19 @@ def polygamma(func, primals, tangents, kwargs):
     return out, fit_tangent(tangents[1] * torch.polygamma(n + 1, x), out)
 
 
+@jvp_rule(aten.logit.default)
+def logit(func, primals, tangents, kwargs):
+    # torch's formula: outside [eps, 1 - eps] the derivative is 0 (with eps) or NaN (without);
+    # the decomposition's log(x / (1 - x)) would give a finite value there.
+    x = primals[0]
+    eps = primals[1] if len(primals) > 1 else kwargs.get("eps")
+    out = func(*primals, **kwargs)
+    lo, hi = (eps, 1.0 - eps) if eps is not None else (0.0, 1.0)
+    outside = 0.0 if eps is not None else float("nan")
+    d = torch.where((x >= lo) & (x <= hi), (x * (1 - x)).reciprocal(), outside)
+    return out, fit_tangent(tangents[0] * d, out)
+
+
 def no_tangent(func, primals, tangents, kwargs):
     return func(*primals, **kwargs), None
 
@@ -317,9 +330,17 @@ def fresh_buffer(func, primals, tangents, kwargs):
     buffers that code (autograd's own backward formulas too) writes duals into next. A
     zero tangent, not a bare primal, lets those in-place writes carry their tangents."""
     out = func(*primals, **kwargs)
-    if out.is_floating_point() or out.is_complex():
+    if not (out.is_floating_point() or out.is_complex()):
+        return out, None
+    like = next((t for t in tangents if isinstance(t, torch.Tensor)), None)
+    if like is None:
         return out, torch.zeros_like(out)
-    return out, None
+    # Made from the input's tangent: under vmap of jvp a batched tangent gives a batched
+    # buffer, which the batched tangents written next can go into (a plain one refuses them).
+    if out.is_contiguous():
+        return out, like.new_zeros(out.shape, dtype=out.dtype)
+    stride = torch.zeros_like(out).stride()
+    return out, like.new_empty_strided(out.shape, stride, dtype=out.dtype).zero_()
 
 
 for _name in ("ones_like zeros_like empty_like full_like new_zeros new_ones new_empty "

@@ -4,6 +4,8 @@ Selections (max over a dim, sort, topk, ...) pick elements, so the tangent is th
 tangent at the picked indices. Full max/min/amax/amin share the tangent evenly among ties,
 as torch does.
 """
+import math
+
 import torch
 
 from ..registry import fit_tangent, jvp_rule
@@ -116,6 +118,36 @@ def logcumsumexp(func, primals, tangents, kwargs):
     w = x.exp() if x.is_complex() else (x - x.amax(dim, keepdim=True)).exp()
     t = (w * fit_tangent(tangents[0], x)).cumsum(dim)
     return out, t / (w.cumsum(dim) + 1e-13)
+
+
+@jvp_rule(aten.linalg_vector_norm.default)
+def vector_norm(func, primals, tangents, kwargs):
+    # torch's subgradient conventions: 0 where the norm is 0 (and, for ord < 2, where an
+    # element is 0); the decomposition's pow/sum/pow gives NaN there.
+    named = _named_args(func, primals, kwargs)
+    x, ord = primals[0], float(named.get("ord", 2))
+    dims, keepdim = _dims(named.get("dim"), x.dim()), named.get("keepdim", False)
+    out = func(*primals, **kwargs)
+    t = fit_tangent(tangents[0], x)
+    if x.dim() == 0:
+        dims = []
+    kept = out if keepdim or x.dim() == 0 else _unsqueeze_dims(out, dims, x.dim())
+    if ord == 0:
+        return out, torch.zeros_like(out)
+    if ord == 1:
+        return out, (x.sgn() * t).real.sum(dims, keepdim=keepdim).to(out.dtype)
+    if math.isinf(ord):
+        mask = (x.abs() == kept) | x.abs().isnan()
+        picked = (x.sgn() * t * mask).real.sum(dims, keepdim=keepdim)
+        return out, (picked / mask.sum(dims, keepdim=keepdim)).to(out.dtype)
+    inner = (x.conj() * t).real
+    if ord != 2:
+        weight = x.abs().pow(ord - 2)
+        if ord < 2:
+            weight = weight.masked_fill(x == 0, 0)
+        inner = inner * weight
+    t_out = inner.sum(dims, keepdim=keepdim) / out.pow(ord - 1)
+    return out, t_out.masked_fill(out == 0, 0).to(out.dtype)
 
 
 def _named_args(func, primals, kwargs):

@@ -1,0 +1,240 @@
+"""Composition fuzzer: random stacks of transforms over random chains of ops, against torch.func.
+
+A trial draws a chain of 1-4 ops from OPS (activations whose backward has its own formula,
+norms, softmax, linear algebra, reductions, views, indexing, scans, where) and a stack of
+1-3 transforms from TRANSFORMS (vmap, grad, jvp, vjp, jacrev, jacfwd, and a grad that closes
+over the outer input), writes the whole thing as Python source, and runs that source once
+with ``T = functransforms`` and once with ``T = torch.func`` on the same float64 input.
+Trials where torch.func raises are skipped. A mismatch or an ft exception fails the test and
+prints the trial's source: a standalone repro.
+
+The fast tier runs a few hundred fixed-seed trials; ``-m slow`` runs 10,000 (``FUZZ_TRIALS``
+overrides the count, ``FUZZ_SEED`` the first seed).
+"""
+import collections
+import os
+import random
+import time
+import warnings
+
+import pytest
+import torch
+import torch.func
+
+import functransforms as ft
+from functransforms.core.levels import level_stack
+
+# Each op is an expression in ``x``; helpers ``_w`` (fixed weights of a shape) and ``_A``
+# (a well-conditioned matrix that depends on x) are defined in PRELUDE.
+OPS = {
+    "silu": "F.silu(x)",
+    "mish": "F.mish(x)",
+    "gelu": "F.gelu(x)",
+    "gelu_tanh": "F.gelu(x, approximate='tanh')",
+    "elu": "F.elu(x)",
+    "logit": "torch.logit(0.1 + 0.8 * torch.sigmoid(x))",
+    "softplus": "F.softplus(x, beta=2.0)",
+    "sin": "x.sin()",
+    "tanh": "x.tanh()",
+    "exp": "torch.exp(0.5 * x)",
+    "mul_flip": "x * x.flip(-1)",
+    "layer_norm": "F.layer_norm(x, x.shape[-1:])",
+    "layer_norm_affine": "F.layer_norm(x, x.shape[-1:], _w(x.shape[-1:], 4), _w(x.shape[-1:], 5))",
+    "batch_norm": "F.batch_norm(x.reshape(-1, x.shape[-1]), None, None, training=True).reshape(x.shape)",
+    "group_norm": "F.group_norm(x.reshape(1, -1, 1), 2 if x.numel() % 2 == 0 else 1).reshape(x.shape)",
+    "softmax": "torch.softmax(x, -1)",
+    "log_softmax": "torch.log_softmax(x, -1)",
+    "solve": "torch.linalg.solve(_A(x), x.unsqueeze(-1)).squeeze(-1)",
+    "det": "torch.linalg.det(_A(x))",
+    "sum": "x.sum(-1, keepdim=True)",
+    "mean0": "x.mean(0)",
+    "amax": "x.amax(-1)",
+    "logsumexp": "torch.logsumexp(x, -1)",
+    "var": "x.var(-1, keepdim=True)",
+    "vector_norm": "torch.linalg.vector_norm(x, dim=-1)",
+    "prod": "x.prod(-1)",
+    "transpose": "x.transpose(0, -1)",
+    "flatten": "x.reshape(-1)",
+    "expand": "x.unsqueeze(0).expand(2, *x.shape)",
+    "slice": "x[..., 1:] if x.shape[-1] > 1 else x",
+    "index_select": "x.index_select(-1, torch.arange(x.shape[-1] - 1, -1, -1))",
+    "getitem": "x[..., [0, -1]]",
+    "gather": "x.gather(-1, torch.zeros(x.shape, dtype=torch.long))",
+    "cumsum": "x.cumsum(-1)",
+    "logcumsumexp": "torch.logcumsumexp(x, -1)",
+    "where": "torch.where(x > 0, x, 0.1 * x)",
+}
+
+# ``{g}`` is the function one level in; each template defines ``{f}`` of one tensor.
+TRANSFORMS = {
+    "vmap": "def {f}(x):\n    return T.vmap({g})(x)",
+    "grad": "def {f}(x):\n    return T.grad(lambda y: _scal({g}(y)))(x)",
+    "grad_closure": "def {f}(x):\n    return T.grad(lambda y: _scal({g}((y + x) / 2)))(x)",
+    "jvp": "def {f}(x):\n    return T.jvp({g}, (x,), (_w(x.shape, 2),))[1]",
+    "vjp": "def {f}(x):\n    out, pullback = T.vjp({g}, x)\n    return pullback(_w(out.shape, 3))[0]",
+    "jacrev": "def {f}(x):\n    return T.jacrev({g})(x)",
+    "jacfwd": "def {f}(x):\n    return T.jacfwd({g})(x)",
+}
+BATCH = 2
+SHAPES = [(3,), (2, 3), (3, 2)]
+
+PRELUDE = '''\
+import torch
+import torch.nn.functional as F
+
+
+def _w(shape, k):
+    """Fixed weights of a shape (k picks the set)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.linspace(-1.0, 1.0, n, dtype=torch.float64).add(0.3 * k).cos().reshape(shape)
+
+
+def _scal(y):
+    return (y * _w(y.shape, 1)).sum()
+
+
+def _A(x):
+    x = x if x.dim() else x.reshape(1)
+    n = x.shape[-1]
+    return (4 * torch.eye(n, dtype=x.dtype) + torch.diag_embed(x.sin())
+            + 0.3 * torch.tanh(x.unsqueeze(-1) * x.unsqueeze(-2)))
+'''
+
+
+class Trial:
+    def __init__(self, seed):
+        rng = random.Random(seed)
+        self.seed = seed
+        self.ops = [rng.choice(sorted(OPS)) for _ in range(rng.randint(1, 4))]
+        self.transforms = [rng.choice(sorted(TRANSFORMS)) for _ in range(rng.randint(1, 3))]
+        base = rng.choice(SHAPES)
+        self.shape = (BATCH,) * self.transforms.count("vmap") + base
+
+    def body(self):
+        """The functions, innermost first: f0 is the op chain, f<k> the k-th transform."""
+        lines = ["def build(T):", "    def f0(x):"]
+        for name in self.ops:
+            lines.append("        x = x if x.dim() else x.reshape(1)")
+            lines.append(f"        x = {OPS[name]}  # {name}")
+        lines.append("        return x")
+        for k, name in enumerate(self.transforms, start=1):
+            src = TRANSFORMS[name].format(f=f"f{k}", g=f"f{k - 1}")
+            lines += ["", *("    " + line for line in src.splitlines())]
+        lines += ["", f"    return f{len(self.transforms)}"]
+        return "\n".join(lines)
+
+    def source(self):
+        return PRELUDE + "\n\n" + self.body() + "\n"
+
+    def input(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randn(self.shape, dtype=torch.float64, generator=gen)
+
+    def repro(self):
+        return (
+            f"# fuzz trial {self.seed}: transforms (inner to outer) {self.transforms}, "
+            f"ops {self.ops}\n" + self.source() + "\n\n"
+            "import functransforms as ft\nimport torch.func\n\n"
+            f"x = torch.randn({self.shape}, dtype=torch.float64, "
+            f"generator=torch.Generator().manual_seed({self.seed}))\n"
+            "expected = build(torch.func)(x)\nactual = build(ft)(x)\n"
+            "print((actual - expected).abs().max(), expected.abs().max())\n"
+        )
+
+    def run(self):
+        """('skip' | 'pass' | 'mismatch' | 'crash', detail)."""
+        namespace = {}
+        exec(compile(self.source(), f"<fuzz trial {self.seed}>", "exec"), namespace)
+        build = namespace["build"]
+        x = self.input()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                expected = build(torch.func)(x.clone())
+            except Exception as e:
+                return "skip", f"torch.func: {type(e).__name__}: {e}"
+            try:
+                actual = build(ft)(x.clone())
+            except Exception as e:
+                detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                return "crash", detail[:200]
+            finally:
+                if level_stack():
+                    level_stack().clear()
+                    return "crash", "level stack left dirty"
+        if type(actual) is not torch.Tensor:
+            return "crash", f"returned {type(actual).__name__}, not a plain Tensor"
+        if actual.shape != expected.shape:
+            return "mismatch", f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        scale = max(1.0, expected.abs().nan_to_num(0.0, 0.0, 0.0).max().item()) if expected.numel() else 1.0
+        if not torch.allclose(actual, expected, rtol=1e-6, atol=1e-7 * scale, equal_nan=True):
+            diff = (actual - expected).abs().nan_to_num(float("inf")).max().item()
+            return "mismatch", f"max abs diff {diff:.3g} on values of size {scale:.3g}"
+        return "pass", ""
+
+
+def fuzz(n_trials, first_seed=0):
+    counts = collections.Counter()
+    failures = []
+    for seed in range(first_seed, first_seed + n_trials):
+        trial = Trial(seed)
+        status, detail = trial.run()
+        counts[status] += 1
+        if status in ("mismatch", "crash"):
+            failures.append((trial, status, detail))
+    return counts, failures
+
+
+# Ops whose higher-order failures belong to families still being fixed (issue 13: backward ops
+# without a derivative formula, the linalg solve/det family, batch/group norm under
+# forward-over-reverse). A fast-tier failure whose chain uses one of these is reported, not
+# failed on; remove entries as their families land. The slow run allows none.
+KNOWN_FAMILIES = {"silu", "mish", "logit", "group_norm", "solve", "det", "batch_norm",
+                  "vector_norm", "layer_norm", "layer_norm_affine"}
+
+
+def _report(counts, failures, limit=3):
+    lines = [f"trials: {dict(counts)}"]
+    by_detail = collections.Counter((s, d.split(":")[0] if s == "crash" else "mismatch")
+                                    for _, s, d in failures)
+    lines.append(f"failures by kind: {dict(by_detail)}")
+    for trial, status, detail in failures[:limit]:
+        lines += ["", f"--- {status}: {detail}", trial.repro()]
+    return "\n".join(lines)
+
+
+N_FAST = 300
+
+
+def test_fuzz_fast():
+    counts, failures = fuzz(N_FAST, first_seed=0)
+    assert counts["pass"] >= N_FAST // 3, _report(counts, failures)
+    unexplained = [f for f in failures if not set(f[0].ops) & KNOWN_FAMILIES]
+    assert not unexplained, _report(counts, unexplained)
+
+
+@pytest.mark.slow
+def test_fuzz_10000():
+    n = int(os.environ.get("FUZZ_TRIALS", 10000))
+    first = int(os.environ.get("FUZZ_SEED", 100000))
+    start = time.perf_counter()
+    counts, failures = fuzz(n, first_seed=first)
+    print(f"fuzz: {n} trials in {time.perf_counter() - start:.0f} s: {dict(counts)}")
+    assert not failures, _report(counts, failures)
+
+
+if __name__ == "__main__":
+    import sys
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else N_FAST
+    first = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    start = time.perf_counter()
+    counts, failures = fuzz(n, first)
+    print(_report(counts, failures, limit=int(os.environ.get("FUZZ_SHOW", 3))))
+    print(f"{time.perf_counter() - start:.1f} s")
+    by_op = collections.Counter()
+    for trial, status, detail in failures:
+        by_op.update(set(trial.ops))
+    print("ops in failing trials:", by_op.most_common())
