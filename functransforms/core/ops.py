@@ -36,7 +36,18 @@ def decomposition(func):
         return None
     decomp = decomposition_table.get(func)
     if decomp is not None:
-        return decomp
+        return _plain_tuple_results(decomp) if len(func._schema.returns) > 1 else decomp
     if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
         return func.decompose
     return None
+
+
+def _plain_tuple_results(decomp):
+    # torch._decomp returns named tuples (return_types_native_layer_norm) where the op
+    # returns a plain tuple; interpreters re-wrap only plain tuples and lists, and a named
+    # tuple of lower-level tensors would escape its level unwrapped.
+    def run(*args, **kwargs):
+        out = decomp(*args, **kwargs)
+        return tuple(out) if isinstance(out, tuple) and type(out) is not tuple else out
+
+    return run
