@@ -5,7 +5,7 @@ import torch
 from torch.autograd.variable import Variable
 
 from ..core.mode import adopting_new_tensors
-from ..core.wrapper import LevelTensor
+from ..core.wrapper import LevelTensor, differentiated_below
 from .interpreter import GradInterpreter
 
 _ENGINE = Variable._execution_engine
@@ -20,10 +20,21 @@ def autograd_grad(level, outputs, inputs, grad_outputs, retain_graph=False):
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
     if not pairs:
         return tuple(torch.zeros_like(i) for i in inputs)
+    # NOTE [Backward that a level below differentiates]: torch's derivative formulas pick a
+    # twice-differentiable path only when grad mode is on while they run (silu, mish, logit
+    # and group_norm emit once-differentiable *_backward kernels otherwise; det, solve and
+    # the norms take shortcuts). When a level below will differentiate this backward pass
+    # (grad of grad, jvp of grad, torch autograd around the transform), the engine runs it
+    # as create_graph=True, as torch.func always does; this level's own record of it is
+    # dropped with the wrappers. Otherwise the cheaper once-differentiable path is taken.
+    create_graph = any(
+        differentiated_below(t) for t in (*outputs, *inputs, *grad_outputs)
+    )
     level.in_backward = True
     try:
         grads = _ENGINE.run_backward(
-            tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain_graph, False,
+            tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain_graph or create_graph,
+            create_graph,
             tuple(inputs), True, False,  # allow_unreachable, accumulate_grad
         )
     finally:

@@ -1,0 +1,92 @@
+"""Second and third order: transforms of transforms, float64, compared with torch.func on the
+same inputs (issue 13)."""
+import pytest
+import torch
+import torch.func as tf
+import torch.nn.functional as F
+
+import functransforms as ft
+from functransforms.core.levels import level_stack
+
+RTOL = 1e-6
+ATOL = 1e-9
+
+
+def close(a, b):
+    fa, sa = torch.utils._pytree.tree_flatten(a)
+    fb, sb = torch.utils._pytree.tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(fa, fb):
+        assert type(x) is torch.Tensor, f"wrapper leaked: {type(x)}"
+        assert not x.requires_grad, "a transform's result is recorded by torch autograd"
+        torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture
+def xva():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, dtype=torch.float64, generator=g)
+    v = torch.randn(6, dtype=torch.float64, generator=g)
+    A = torch.randn(6, 6, dtype=torch.float64, generator=g) + 4 * torch.eye(6, dtype=torch.float64)
+    return x, v, A
+
+
+def both(make):
+    """``make(T)`` with T = ft, then T = torch.func; compared."""
+    close(make(ft), make(tf))
+
+
+# Activations whose backward is its own once-differentiable kernel unless grad mode is on
+# while the backward runs (NOTE [Backward that a level below differentiates]).
+ACTIVATIONS = {
+    "silu": lambda x: F.silu(x).sum(),
+    "mish": lambda x: F.mish(x).sum(),
+    "logit": lambda x: torch.logit(x.sigmoid() * 0.8 + 0.1).sum(),
+    "group_norm": lambda x: F.group_norm(x.reshape(1, 6), 2).exp().sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_jacrev_jacrev_backward_kernels(xva, name):
+    x, _, _ = xva
+    f = ACTIVATIONS[name]
+    both(lambda T: T.jacrev(T.jacrev(f))(x))
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_third_order_backward_kernels(xva, name):
+    x, v, _ = xva
+    f = ACTIVATIONS[name]
+    both(lambda T: T.jvp(T.jacrev(T.grad(f)), (x,), (v,)))
+
+
+def test_jvp_grad_layer_norm(xva):
+    x, v, _ = xva
+    both(lambda T: T.jvp(T.grad(lambda x: F.layer_norm(x, (6,)).exp().sum()), (x,), (v,)))
+
+
+def test_hessian_det(xva):
+    x, _, A = xva
+    f = lambda x: torch.linalg.det(A + torch.diag(x.sin()))  # noqa: E731
+    both(lambda T: T.hessian(f)(x))
+    both(lambda T: T.jacrev(T.jacrev(f))(x))
+
+
+def test_hessian_solve(xva):
+    x, _, A = xva
+    both(lambda T: T.hessian(lambda x: torch.linalg.solve(A + torch.diag(x.tanh()), x).sum())(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (3, 2), (6, 1), (1, 3, 2)])
+def test_hessian_batch_norm_training(xva, shape):
+    x, _, _ = xva
+    f = lambda x: F.batch_norm(x.reshape(shape), None, None, training=True).exp().sum()  # noqa: E731
+    both(lambda T: T.hessian(f)(x))
+
+
+def test_hessian_batch_norm_affine(xva):
+    x, v, _ = xva
+    w, b = v[:2], v[2:4]
+    f = lambda x: F.batch_norm(x.reshape(3, 2), None, None, w, b, training=True).tanh().sum()  # noqa: E731
+    both(lambda T: T.hessian(f)(x))
+    both(lambda T: T.jvp(T.grad(f), (x,), (v,)))
