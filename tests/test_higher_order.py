@@ -90,3 +90,33 @@ def test_hessian_batch_norm_affine(xva):
     f = lambda x: F.batch_norm(x.reshape(3, 2), None, None, w, b, training=True).tanh().sum()  # noqa: E731
     both(lambda T: T.hessian(f)(x))
     both(lambda T: T.jvp(T.grad(f), (x,), (v,)))
+
+
+def test_inplace_pow_scalar_exponent(xva):
+    # pow_.Scalar's out-of-place twin is pow.Tensor_Scalar, not pow.Scalar (a Scalar base).
+    x, v, _ = xva
+    both(lambda T: T.jvp(lambda x: x.clone().pow_(3), (x,), (v,)))
+    both(lambda T: T.vmap(lambda x: x.clone().pow_(3))(x.reshape(2, 3)))
+
+
+@pytest.mark.parametrize("ord", [2, 3, 6, float("inf")])
+def test_jvp_vjp_vector_norm(xva, ord):
+    x, v, _ = xva
+    ct, ct_t = torch.tensor(1.3, dtype=x.dtype), torch.tensor(-0.4, dtype=x.dtype)
+
+    def pullback(T):
+        return lambda x, c: T.vjp(lambda x: torch.linalg.vector_norm(x, ord), x)[1](c)[0]
+
+    both(lambda T: T.jvp(pullback(T), (x, ct), (v, ct_t)))
+    both(lambda T: T.jvp(pullback(T), (x[0], ct), (v[0], ct_t)))
+
+
+def test_jvp_vjp_dist(xva):
+    x, v, A = xva
+    y = A[0]
+    ct, ct_t = torch.tensor(0.8, dtype=x.dtype), torch.tensor(0.3, dtype=x.dtype)
+    for p in (1.5, 2, 4):
+        def pullback(T):
+            return lambda x, c: T.vjp(lambda x: torch.dist(x, y, p), x)[1](c)[0]
+
+        both(lambda T: T.jvp(pullback(T), (x, ct), (v, ct_t)))

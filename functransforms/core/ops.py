@@ -13,12 +13,13 @@ def functional_twin(func):
     packet = getattr(aten, name[:-1], None)
     if packet is None:
         return None
-    twin = getattr(packet, func._overloadname, None)
-    if twin is not None and len(twin._schema.arguments) == len(func._schema.arguments):
-        return twin
-    # Overload names do not always match (transpose_.default vs transpose.int): look for
-    # the overload taking the same arguments.
     wanted = [(a.name, str(a.type)) for a in func._schema.arguments]
+    twin = getattr(packet, func._overloadname, None)
+    if twin is not None and [(a.name, str(a.type)) for a in twin._schema.arguments] == wanted:
+        return twin
+    # Overload names do not always match (transpose_.default vs transpose.int), or match an
+    # overload with other arguments (pow_.Scalar takes a Scalar exponent, pow.Scalar a
+    # Scalar base): look for the overload taking the same arguments.
     for overload in packet.overloads():
         candidate = getattr(packet, overload)
         if [(a.name, str(a.type)) for a in candidate._schema.arguments] == wanted:
