@@ -120,3 +120,27 @@ def test_jvp_vjp_dist(xva):
             return lambda x, c: T.vjp(lambda x: torch.dist(x, y, p), x)[1](c)[0]
 
         both(lambda T: T.jvp(pullback(T), (x, ct), (v, ct_t)))
+
+
+def test_inplace_bernoulli_default_p(xva):
+    # bernoulli_.float has p=0.5 by default, its twin bernoulli.p has none; dispatch drops the
+    # default, so the twin must get it back.
+    x, v, _ = xva
+    out, tangent = ft.jvp(lambda x: x * x.clone().bernoulli_(), (x,), (v,))
+    mask = (out != 0).to(x.dtype)
+    close((out, tangent), (x * mask, v * mask))
+    draws = ft.vmap(lambda x: x.clone().bernoulli_(), randomness="different")(x.reshape(2, 3))
+    assert set(draws.flatten().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("dropout", [F.dropout, F.alpha_dropout, F.dropout1d])
+def test_jvp_vjp_dropout(xva, dropout):
+    x, v, A = xva
+    x2, v2, ct, ct_t = x.reshape(2, 3), v.reshape(2, 3), A[:2, :3], A[2:4, :3]
+
+    def run(T):
+        torch.manual_seed(0)
+        pullback = lambda x, c: T.vjp(lambda x: dropout(x, 0.5, training=True), x)[1](c)[0]  # noqa: E731
+        return T.jvp(pullback, (x2, ct), (v2, ct_t))
+
+    both(run)

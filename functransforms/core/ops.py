@@ -27,6 +27,28 @@ def functional_twin(func):
     return None
 
 
+def twin_call(func, twin):
+    """``twin`` as a callable taking ``func``'s arguments as dispatch hands them over.
+
+    Dispatch drops trailing arguments left at their defaults, and a twin may not share the
+    default (``bernoulli_.float(self, float p=0.5)`` vs ``bernoulli.p(self, float p)``): the
+    call then fills in ``func``'s defaults for the arguments the twin needs.
+    """
+    positional = [a for a in func._schema.arguments if not a.kwarg_only]
+    twin_positional = [a for a in twin._schema.arguments if not a.kwarg_only]
+    if not any(
+        a.has_default_value() and not b.has_default_value()
+        for a, b in zip(positional, twin_positional)
+    ):
+        return twin
+    defaults = [a.default_value if a.has_default_value() else None for a in positional]
+
+    def call(*args, **kwargs):
+        return twin(*args, *defaults[len(args):], **kwargs)
+
+    return call
+
+
 def decomposition(func):
     """A Python decomposition of ``func`` into other aten ops, if torch has one.
 
