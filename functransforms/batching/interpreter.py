@@ -15,7 +15,7 @@ import torch
 from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
-from ..core.ops import decomposition, functional_twin
+from ..core.ops import decomposition, functional_twin, twin_call
 from ..core.wrapper import (
     LevelTensor,
     is_plain_layout,
@@ -331,7 +331,7 @@ def _choose_handler(func):
     elif mutated_arg_positions(func) and func._schema.name.endswith("_"):
         twin = functional_twin(func)
         if twin is not None and (twin in BATCH_RULES or decomposition(twin) is not None):
-            handler = _inplace_via_functional(twin)
+            handler = _inplace_via_functional(twin_call(func, twin))
         else:
             handler = _loop_handler
     else:

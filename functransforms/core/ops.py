@@ -13,17 +13,40 @@ def functional_twin(func):
     packet = getattr(aten, name[:-1], None)
     if packet is None:
         return None
-    twin = getattr(packet, func._overloadname, None)
-    if twin is not None and len(twin._schema.arguments) == len(func._schema.arguments):
-        return twin
-    # Overload names do not always match (transpose_.default vs transpose.int): look for
-    # the overload taking the same arguments.
     wanted = [(a.name, str(a.type)) for a in func._schema.arguments]
+    twin = getattr(packet, func._overloadname, None)
+    if twin is not None and [(a.name, str(a.type)) for a in twin._schema.arguments] == wanted:
+        return twin
+    # Overload names do not always match (transpose_.default vs transpose.int), or match an
+    # overload with other arguments (pow_.Scalar takes a Scalar exponent, pow.Scalar a
+    # Scalar base): look for the overload taking the same arguments.
     for overload in packet.overloads():
         candidate = getattr(packet, overload)
         if [(a.name, str(a.type)) for a in candidate._schema.arguments] == wanted:
             return candidate
     return None
+
+
+def twin_call(func, twin):
+    """``twin`` as a callable taking ``func``'s arguments as dispatch hands them over.
+
+    Dispatch drops trailing arguments left at their defaults, and a twin may not share the
+    default (``bernoulli_.float(self, float p=0.5)`` vs ``bernoulli.p(self, float p)``): the
+    call then fills in ``func``'s defaults for the arguments the twin needs.
+    """
+    positional = [a for a in func._schema.arguments if not a.kwarg_only]
+    twin_positional = [a for a in twin._schema.arguments if not a.kwarg_only]
+    if not any(
+        a.has_default_value() and not b.has_default_value()
+        for a, b in zip(positional, twin_positional)
+    ):
+        return twin
+    defaults = [a.default_value if a.has_default_value() else None for a in positional]
+
+    def call(*args, **kwargs):
+        return twin(*args, *defaults[len(args):], **kwargs)
+
+    return call
 
 
 def decomposition(func):
@@ -36,7 +59,18 @@ def decomposition(func):
         return None
     decomp = decomposition_table.get(func)
     if decomp is not None:
-        return decomp
+        return _plain_tuple_results(decomp) if len(func._schema.returns) > 1 else decomp
     if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
         return func.decompose
     return None
+
+
+def _plain_tuple_results(decomp):
+    # torch._decomp returns named tuples (return_types_native_layer_norm) where the op
+    # returns a plain tuple; interpreters re-wrap only plain tuples and lists, and a named
+    # tuple of lower-level tensors would escape its level unwrapped.
+    def run(*args, **kwargs):
+        out = decomp(*args, **kwargs)
+        return tuple(out) if isinstance(out, tuple) and type(out) is not tuple else out
+
+    return run

@@ -205,6 +205,16 @@ def tracked_below(t):
     return True
 
 
+def differentiated_below(t):
+    """Whether some level below ``t``'s own (a grad level or torch autograd recording it, a
+    jvp level carrying a tangent for it) differentiates what is computed from ``t``."""
+    while isinstance(t, LevelTensor):
+        t = t._value
+        if t.requires_grad or (isinstance(t, LevelTensor) and t._level.kind == "jvp"):
+            return True
+    return False
+
+
 def wrap_output(out, wrap):
     """Apply ``wrap`` to every tensor of an op's return value (tensor, tuple or list)."""
     if isinstance(out, torch.Tensor):

@@ -21,7 +21,7 @@ import torch
 from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
-from ..core.ops import decomposition, functional_twin
+from ..core.ops import decomposition, functional_twin, twin_call
 from ..core.wrapper import LevelTensor, mutated_arg_positions
 from .fallback import general_jvp, op_name
 from .registry import JVP_RULES
@@ -209,7 +209,9 @@ def _choose_handler(func):
     elif mutated_arg_positions(func) and (
         func in _INPLACE_TWINS or (functional_twin(func) and len(mutated_arg_positions(func)) == 1)
     ):
-        handler = _inplace_via_functional(_INPLACE_TWINS.get(func) or functional_twin(func))
+        handler = _inplace_via_functional(
+            _INPLACE_TWINS.get(func) or twin_call(func, functional_twin(func))
+        )
     else:
         decomp = decomposition(func)
         handler = _decomposition_handler(decomp) if decomp is not None else _fallback_handler

@@ -1,0 +1,146 @@
+"""Second and third order: transforms of transforms, float64, compared with torch.func on the
+same inputs (issue 13)."""
+import pytest
+import torch
+import torch.func as tf
+import torch.nn.functional as F
+
+import functransforms as ft
+from functransforms.core.levels import level_stack
+
+RTOL = 1e-6
+ATOL = 1e-9
+
+
+def close(a, b):
+    fa, sa = torch.utils._pytree.tree_flatten(a)
+    fb, sb = torch.utils._pytree.tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(fa, fb):
+        assert type(x) is torch.Tensor, f"wrapper leaked: {type(x)}"
+        assert not x.requires_grad, "a transform's result is recorded by torch autograd"
+        torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture
+def xva():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, dtype=torch.float64, generator=g)
+    v = torch.randn(6, dtype=torch.float64, generator=g)
+    A = torch.randn(6, 6, dtype=torch.float64, generator=g) + 4 * torch.eye(6, dtype=torch.float64)
+    return x, v, A
+
+
+def both(make):
+    """``make(T)`` with T = ft, then T = torch.func; compared."""
+    close(make(ft), make(tf))
+
+
+# Activations whose backward is its own once-differentiable kernel unless grad mode is on
+# while the backward runs (NOTE [Backward that a level below differentiates]).
+ACTIVATIONS = {
+    "silu": lambda x: F.silu(x).sum(),
+    "mish": lambda x: F.mish(x).sum(),
+    "logit": lambda x: torch.logit(x.sigmoid() * 0.8 + 0.1).sum(),
+    "group_norm": lambda x: F.group_norm(x.reshape(1, 6), 2).exp().sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_jacrev_jacrev_backward_kernels(xva, name):
+    x, _, _ = xva
+    f = ACTIVATIONS[name]
+    both(lambda T: T.jacrev(T.jacrev(f))(x))
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_third_order_backward_kernels(xva, name):
+    x, v, _ = xva
+    f = ACTIVATIONS[name]
+    both(lambda T: T.jvp(T.jacrev(T.grad(f)), (x,), (v,)))
+
+
+def test_jvp_grad_layer_norm(xva):
+    x, v, _ = xva
+    both(lambda T: T.jvp(T.grad(lambda x: F.layer_norm(x, (6,)).exp().sum()), (x,), (v,)))
+
+
+def test_hessian_det(xva):
+    x, _, A = xva
+    f = lambda x: torch.linalg.det(A + torch.diag(x.sin()))  # noqa: E731
+    both(lambda T: T.hessian(f)(x))
+    both(lambda T: T.jacrev(T.jacrev(f))(x))
+
+
+def test_hessian_solve(xva):
+    x, _, A = xva
+    both(lambda T: T.hessian(lambda x: torch.linalg.solve(A + torch.diag(x.tanh()), x).sum())(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (3, 2), (6, 1), (1, 3, 2)])
+def test_hessian_batch_norm_training(xva, shape):
+    x, _, _ = xva
+    f = lambda x: F.batch_norm(x.reshape(shape), None, None, training=True).exp().sum()  # noqa: E731
+    both(lambda T: T.hessian(f)(x))
+
+
+def test_hessian_batch_norm_affine(xva):
+    x, v, _ = xva
+    w, b = v[:2], v[2:4]
+    f = lambda x: F.batch_norm(x.reshape(3, 2), None, None, w, b, training=True).tanh().sum()  # noqa: E731
+    both(lambda T: T.hessian(f)(x))
+    both(lambda T: T.jvp(T.grad(f), (x,), (v,)))
+
+
+def test_inplace_pow_scalar_exponent(xva):
+    # pow_.Scalar's out-of-place twin is pow.Tensor_Scalar, not pow.Scalar (a Scalar base).
+    x, v, _ = xva
+    both(lambda T: T.jvp(lambda x: x.clone().pow_(3), (x,), (v,)))
+    both(lambda T: T.vmap(lambda x: x.clone().pow_(3))(x.reshape(2, 3)))
+
+
+@pytest.mark.parametrize("ord", [2, 3, 6, float("inf")])
+def test_jvp_vjp_vector_norm(xva, ord):
+    x, v, _ = xva
+    ct, ct_t = torch.tensor(1.3, dtype=x.dtype), torch.tensor(-0.4, dtype=x.dtype)
+
+    def pullback(T):
+        return lambda x, c: T.vjp(lambda x: torch.linalg.vector_norm(x, ord), x)[1](c)[0]
+
+    both(lambda T: T.jvp(pullback(T), (x, ct), (v, ct_t)))
+    both(lambda T: T.jvp(pullback(T), (x[0], ct), (v[0], ct_t)))
+
+
+def test_jvp_vjp_dist(xva):
+    x, v, A = xva
+    y = A[0]
+    ct, ct_t = torch.tensor(0.8, dtype=x.dtype), torch.tensor(0.3, dtype=x.dtype)
+    for p in (1.5, 2, 4):
+        def pullback(T):
+            return lambda x, c: T.vjp(lambda x: torch.dist(x, y, p), x)[1](c)[0]
+
+        both(lambda T: T.jvp(pullback(T), (x, ct), (v, ct_t)))
+
+
+def test_inplace_bernoulli_default_p(xva):
+    # bernoulli_.float has p=0.5 by default, its twin bernoulli.p has none; dispatch drops the
+    # default, so the twin must get it back.
+    x, v, _ = xva
+    out, tangent = ft.jvp(lambda x: x * x.clone().bernoulli_(), (x,), (v,))
+    mask = (out != 0).to(x.dtype)
+    close((out, tangent), (x * mask, v * mask))
+    draws = ft.vmap(lambda x: x.clone().bernoulli_(), randomness="different")(x.reshape(2, 3))
+    assert set(draws.flatten().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("dropout", [F.dropout, F.alpha_dropout, F.dropout1d])
+def test_jvp_vjp_dropout(xva, dropout):
+    x, v, A = xva
+    x2, v2, ct, ct_t = x.reshape(2, 3), v.reshape(2, 3), A[:2, :3], A[2:4, :3]
+
+    def run(T):
+        torch.manual_seed(0)
+        pullback = lambda x, c: T.vjp(lambda x: dropout(x, 0.5, training=True), x)[1](c)[0]  # noqa: E731
+        return T.jvp(pullback, (x2, ct), (v2, ct_t))
+
+    both(run)
