@@ -1,16 +1,20 @@
 """The general JVP fallback for ops with neither a rule nor a decomposition.
 
 Two ways, both built on derivative formulas torch already has:
-  * when every primal and tangent is plain or batched by vmap levels only, torch's own
-    forward AD runs the op once on dual tensors (the formula's ops on batched tensors reach
-    the vmap levels as usual);
-  * otherwise the double-vjp trick with our own grad levels: for ``u -> vjp_fn(u)``,
-    which is linear in the cotangent ``u``, the vjp with respect to ``u`` applied to the
-    tangent is the JVP. It costs a backward and a double backward, but works whatever
-    the primals and tangents are wrapped in.
+  * torch's own forward AD runs the op once on dual tensors. The primals and tangents may
+    be wrappers of lower levels: the formula's ops on them reach those levels like any
+    other op, so an outer grad, jvp or vmap differentiates or batches the formula itself
+    (torch's formula, not an approximation of it: cholesky's, for one, is not the
+    transpose of its backward on non-symmetric tangents);
+  * torch has one forward-AD level, so when a formula's op reaches a lower jvp level
+    that needs this fallback too, that one uses the double-vjp trick with our own grad
+    levels: for ``u -> vjp_fn(u)``, which is linear in the cotangent ``u``, the vjp with
+    respect to ``u`` applied to the tangent is the JVP. It costs a backward and a double
+    backward.
 Every use is counted (``functransforms.jvp_fallback_counts()``) and the first use of each
 op warns.
 """
+import threading
 import warnings
 
 import torch
@@ -64,16 +68,6 @@ def _split_flat(level, args, kwargs):
     return primals, tangents, spec
 
 
-def _only_batched(x):
-    """Plain, or batched by vmap levels only: torch's forward AD can run on it, its formula's
-    ops reaching the vmap levels like any others."""
-    while isinstance(x, LevelTensor):
-        if x._level.kind != "vmap":
-            return False
-        x = x._value
-    return True
-
-
 def general_jvp(level, func, args, kwargs):
     if func.namespace == "prims":
         # torch's forward AD silently gives prims no tangent, and they have no backward.
@@ -83,9 +77,7 @@ def general_jvp(level, func, args, kwargs):
     _note(func)
     primals, tangents, spec = _split_flat(level, args, kwargs)
     with lowering(None):
-        if all(_only_batched(x) for x in primals if isinstance(x, torch.Tensor)) and all(
-            t is None or _only_batched(t) for t in tangents
-        ):
+        if not getattr(_state, "in_forward_ad", False):
             out, out_tangents = _torch_forward_ad(func, primals, tangents, spec)
         else:
             out, out_tangents = _double_vjp(func, primals, tangents, spec)
@@ -99,6 +91,17 @@ def general_jvp(level, func, args, kwargs):
 def _torch_forward_ad(func, primals, tangents, spec):
     # Runs under ``lowering`` (see general_jvp), which also restores the zero-tensor and
     # conj/neg keys that forward-AD formulas rely on.
+    _state.in_forward_ad = True
+    try:
+        return _torch_forward_ad_inner(func, primals, tangents, spec)
+    finally:
+        _state.in_forward_ad = False
+
+
+_state = threading.local()
+
+
+def _torch_forward_ad_inner(func, primals, tangents, spec):
     with fwAD.dual_level():
         duals = [
             p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents)

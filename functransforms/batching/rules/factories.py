@@ -34,6 +34,10 @@ def new_zeros_with_same_feature_meta(interp, func, args, bdims, kwargs):
     self = ensure_batched(self, bdims[0], interp.batch_size)
     if bdims[1] is not None:
         other = other[0]
+    if torch._debug_has_internal_overlap(other) != 0:
+        # An expanded ``other`` would give a buffer whose examples share memory, and the
+        # tangent copied into it next could not be written: lay it out densely instead.
+        other = torch.empty_like(other)
     return func(self, other, self_num_batch_dims=n + 1), 0
 
 
