@@ -144,3 +144,35 @@ def test_jvp_vjp_dropout(xva, dropout):
         return T.jvp(pullback, (x2, ct), (v2, ct_t))
 
     both(run)
+
+
+AS_STRIDED = {
+    "as_strided": lambda x: x.as_strided((3, 2), (1, 2), 1).sin(),
+    "overlapping": lambda x: x.as_strided((4, 3), (1, 1)) * 2,
+    "as_strided_scatter": lambda x: torch.as_strided_scatter(x, x[:3].exp(), (3,), (2,), 0),
+    "as_strided_copy": lambda x: torch.as_strided_copy(x.cos(), (2, 2), (2, 1), 1),
+}
+
+
+@pytest.mark.parametrize("name", list(AS_STRIDED))
+def test_as_strided_family_second_order(xva, name):
+    x, v, _ = xva
+    f = AS_STRIDED[name]
+    ct = torch.randn(f(x).shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+
+    def pullback(T):
+        return lambda x, c: T.vjp(f, x)[1](c)[0]
+
+    both(lambda T: T.jvp(pullback(T), (x, ct), (v, ct.flip(0))))
+    both(lambda T: T.vjp(pullback(T), x, ct)[1](v))
+
+
+def test_jvp_write_through_as_strided_view(xva):
+    x, v, _ = xva
+
+    def f(x):
+        buf = x.new_zeros(8)
+        buf.as_strided((3,), (2,), 1).copy_(x[:3])
+        return buf
+
+    both(lambda T: T.jvp(f, (x,), (v,)))
