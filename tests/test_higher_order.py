@@ -144,3 +144,67 @@ def test_jvp_vjp_dropout(xva, dropout):
         return T.jvp(pullback, (x2, ct), (v2, ct_t))
 
     both(run)
+
+
+AS_STRIDED = {
+    "as_strided": lambda x: x.as_strided((3, 2), (1, 2), 1).sin(),
+    "overlapping": lambda x: x.as_strided((4, 3), (1, 1)) * 2,
+    "as_strided_scatter": lambda x: torch.as_strided_scatter(x, x[:3].exp(), (3,), (2,), 0),
+    "as_strided_copy": lambda x: torch.as_strided_copy(x.cos(), (2, 2), (2, 1), 1),
+}
+
+
+@pytest.mark.parametrize("name", list(AS_STRIDED))
+def test_as_strided_family_second_order(xva, name):
+    x, v, _ = xva
+    f = AS_STRIDED[name]
+    ct = torch.randn(f(x).shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+
+    def pullback(T):
+        return lambda x, c: T.vjp(f, x)[1](c)[0]
+
+    both(lambda T: T.jvp(pullback(T), (x, ct), (v, ct.flip(0))))
+    both(lambda T: T.vjp(pullback(T), x, ct)[1](v))
+
+
+def test_jvp_write_through_as_strided_view(xva):
+    x, v, _ = xva
+
+    def f(x):
+        buf = x.new_zeros(8)
+        buf.as_strided((3,), (2,), 1).copy_(x[:3])
+        return buf
+
+    both(lambda T: T.jvp(f, (x,), (v,)))
+
+
+RUNNING_MEAN = torch.linspace(0, 1, 5, dtype=torch.float64)
+RUNNING_VAR = torch.linspace(1, 2, 5, dtype=torch.float64)
+
+NORMS = {
+    # Running statistics captured from outside: batch norm writes them, so forward mode
+    # cannot take torch's decomposition of the forward op.
+    "batch_norm_running": lambda x, w, b: F.batch_norm(
+        x, RUNNING_MEAN.clone(), RUNNING_VAR.clone(), w, b, True, 0.5, 0.6),
+    "batch_norm": lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
+    "instance_norm": lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
+    "layer_norm": lambda x, w, b: F.layer_norm(x, (2,), w[:2], b[:2]),
+    "group_norm": lambda x, w, b: F.group_norm(x, 5, w, b),
+}
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_norms_forward_over_reverse(name):
+    # The backward kernels read the saved mean and inverse std, whose tangents torch's forward
+    # formulas leave out: forward mode must recompute them from the input.
+    g = torch.Generator().manual_seed(2)
+    primals = tuple(torch.randn(s, dtype=torch.float64, generator=g) for s in ((3, 5, 2), (5,), (5,)))
+    ct = torch.randn(3, 5, 2, dtype=torch.float64, generator=g)
+    tangents = tuple(torch.randn_like(p) for p in (*primals, ct))
+    f = NORMS[name]
+
+    def pullback(T):
+        return lambda x, w, b, c: T.vjp(f, x, w, b)[1](c)
+
+    both(lambda T: T.jvp(pullback(T), (*primals, ct), tangents))
+    both(lambda T: T.vjp(pullback(T), *primals, ct)[1](tuple(t[..., :] for t in tangents[:3])))

@@ -333,3 +333,24 @@ def test_hvp_through_backward_formulas_has_direct_rules():
     for k in p:
         torch.testing.assert_close(ours[k], theirs[k])
     assert ft.jvp_fallback_counts() == {}
+
+
+# Ops that are not holomorphic (abs, sgn, var) or whose derivative has a branch cut
+# (acosh) need their own complex formulas: the tangent is not ``t * f'(z)`` with the real one.
+COMPLEX_OPS = {
+    "abs": torch.abs,
+    "sgn": torch.sgn,
+    "acosh": torch.acosh,
+    "var": lambda z: z.var(0),
+    "std": lambda z: z.std(),
+    "pow": lambda z: z ** (z * 0.5),
+    "normalized": lambda z: z / z.abs(),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPLEX_OPS))
+def test_complex_non_holomorphic(name):
+    g = torch.Generator().manual_seed(0)
+    z, t = (torch.randn(4, 3, dtype=torch.complex128, generator=g) for _ in range(2))
+    f = COMPLEX_OPS[name]
+    assert_same(ft.jvp(f, (z,), (t,)), torch.func.jvp(f, (z,), (t,)))

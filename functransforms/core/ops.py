@@ -65,6 +65,24 @@ def decomposition(func):
     return None
 
 
+def decomposition_for_jvp(func):
+    """torch's decomposition of a backward op written for forward mode, if it has one.
+
+    The backward kernels of the norms read the saved mean and inverse std; forward mode
+    needs their tangents, which torch's forward formulas (and so the general JVP fallback)
+    leave out. The JVP decompositions recompute them from the input instead, as torch.func
+    does. Imported on first use: torch scripts them at import (about half a second).
+    """
+    if not func._schema.name.endswith("_backward"):
+        return None
+    from torch._decomp.decompositions_for_jvp import decomposition_table_for_jvp
+
+    decomp = decomposition_table_for_jvp.get(func)
+    if decomp is None:
+        return None
+    return _plain_tuple_results(decomp) if len(func._schema.returns) > 1 else decomp
+
+
 def _plain_tuple_results(decomp):
     # torch._decomp returns named tuples (return_types_native_layer_norm) where the op
     # returns a plain tuple; interpreters re-wrap only plain tuples and lists, and a named

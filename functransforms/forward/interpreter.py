@@ -13,15 +13,16 @@ How an op is served, fastest first (the choice is cached per op):
   1. a JVP rule from ``JVP_RULES`` (forward/rules/*.py, one module per op family);
   2. for an in-place op, its out-of-place twin, then the primal is overwritten and the
      tangent rebound;
-  3. a decomposition (``torch._decomp`` or the CompositeImplicit kernel), whose pieces come
-     back through dispatch and meet their own rules;
+  3. a decomposition (``torch._decomp``'s for forward mode where it has one, then its
+     general one or the CompositeImplicit kernel), whose pieces come back through dispatch
+     and meet their own rules;
   4. the general fallback (forward/fallback.py), counted and warned about.
 """
 import torch
 from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
-from ..core.ops import decomposition, functional_twin, twin_call
+from ..core.ops import decomposition, decomposition_for_jvp, functional_twin, twin_call
 from ..core.wrapper import LevelTensor, mutated_arg_positions
 from .fallback import general_jvp, op_name
 from .registry import JVP_RULES
@@ -213,7 +214,7 @@ def _choose_handler(func):
             _INPLACE_TWINS.get(func) or twin_call(func, functional_twin(func))
         )
     else:
-        decomp = decomposition(func)
+        decomp = decomposition_for_jvp(func) or decomposition(func)
         handler = _decomposition_handler(decomp) if decomp is not None else _fallback_handler
     _HANDLERS[id(func)] = handler
     return handler

@@ -150,6 +150,15 @@ def view_dtype(func, primals, tangents, kwargs):
     return out, tangents[0].contiguous().view(primals[1])
 
 
+def _same_memory_layout(t, x, dtype):
+    """Whether ``t`` addresses its storage as ``x`` does, over storage at least as large."""
+    return (
+        type(t) is torch.Tensor and type(x) is torch.Tensor and t.dtype == dtype
+        and t.stride() == x.stride() and t.storage_offset() == x.storage_offset()
+        and t.untyped_storage().nbytes() >= x.untyped_storage().nbytes()
+    )
+
+
 @jvp_rule(aten.as_strided.default, aten.as_strided_copy.default)
 def as_strided(func, primals, tangents, kwargs):
     # as_strided addresses memory, so the tangent is first laid out exactly like the primal.
@@ -158,8 +167,14 @@ def as_strided(func, primals, tangents, kwargs):
     x, size, stride = primals[:3]
     offset = primals[3] if len(primals) > 3 and primals[3] is not None else x.storage_offset()
     out = func(*primals, **kwargs)
-    laid_out = tangents[0].new_empty_strided(x.shape, x.stride(), dtype=out.dtype)
-    laid_out.copy_(tangents[0])
+    t = tangents[0]
+    if func is aten.as_strided.default and _same_memory_layout(t, x, out.dtype):
+        # A view's tangent must be the same view of the tangent (NOTE [In-place tangents]):
+        # as_strided_backward writes the cotangent through ``zeros.as_strided(...)``, and a
+        # copy would drop that write, and with it the cotangent's tangent.
+        return out, t.as_strided(size, stride, offset)
+    laid_out = t.new_empty_strided(x.shape, x.stride(), dtype=out.dtype)
+    laid_out.copy_(t)
     rel = offset - x.storage_offset()
     return out, laid_out.as_strided(size, stride, laid_out.storage_offset() + rel)
 

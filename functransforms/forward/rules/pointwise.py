@@ -19,11 +19,11 @@ _LN10 = math.log(10.0)
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 UNARY = {
-    aten.abs: lambda x, out: x.sgn(),
-    aten.sgn: lambda x, out: torch.zeros_like(x),
     aten.acos: lambda x, out: -(1 - x * x).rsqrt(),
     aten.asin: lambda x, out: (1 - x * x).rsqrt(),
-    aten.acosh: lambda x, out: (x * x - 1).rsqrt(),
+    # (x-1)^(-1/2) (x+1)^(-1/2) rather than (x^2-1)^(-1/2): the same on reals, and on the
+    # branch acosh takes for complex inputs.
+    aten.acosh: lambda x, out: (x - 1).rsqrt() * (x + 1).rsqrt(),
     aten.asinh: lambda x, out: (x * x + 1).rsqrt(),
     aten.atan: lambda x, out: (1 + x * x).reciprocal(),
     aten.atanh: lambda x, out: (1 - x * x).reciprocal(),
@@ -80,6 +80,32 @@ def _unary_rule(derivative):
 
 for _op, _d in UNARY.items():
     register_rule(_op, _unary_rule(_d))
+
+
+# abs and sgn are not holomorphic: on complex inputs their tangent is not ``t * f'(x)``.
+@jvp_rule(aten.abs)
+def abs_(func, primals, tangents, kwargs):
+    x = primals[0]
+    out = func(*primals, **kwargs)
+    t = tangents[0]
+    if t is None or not (out.is_floating_point() or out.is_complex()):
+        return out, None
+    if x.is_complex():
+        return out, (t * x.sgn().conj()).real
+    return out, fit_tangent(t * x.sgn(), out)
+
+
+@jvp_rule(aten.sgn)
+def sgn(func, primals, tangents, kwargs):
+    x = primals[0]
+    out = func(*primals, **kwargs)
+    t = tangents[0]
+    if t is None or not x.is_complex():
+        return out, None
+    # d(x/|x|) = (t - sgn(x) Re(t conj(sgn(x)))) / |x|, and 0 at x = 0 as torch has it.
+    size = x.abs()
+    radial = out * (t * out.conj()).real
+    return out, torch.where(size == 0, 0, (t - radial) / torch.where(size == 0, 1, size))
 
 
 @jvp_rule(aten.polygamma.default)
@@ -220,7 +246,8 @@ def pow_tensor_tensor(func, primals, tangents, kwargs):
         result = tx * d
     if ty is not None:
         # out * log(x), with 0 where x == 0 and y >= 0 (the limit torch uses).
-        d = torch.where((x == 0) & (y >= 0), torch.zeros_like(out), out * x.log())
+        d = torch.where((x == 0) & ((y.real if y.is_complex() else y) >= 0),
+                        torch.zeros_like(out), out * x.log())
         result = add_tangents(result, ty * d)
     return out, fit_tangent(result, out)
 

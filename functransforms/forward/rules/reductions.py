@@ -173,7 +173,9 @@ def _moment_args(func, primals, kwargs):
 
 def _var_tangent(x, t, dims, correction, keepdim, n):
     centered = x - x.mean(dims, keepdim=True) if x.dim() else x - x
-    return (2 * centered * t).sum(dims, keepdim=keepdim) / max(n - correction, 0)
+    # var sums |x - mean|^2: on complex inputs the tangent is 2 Re(conj(x - mean) t).
+    spread = (centered.conj() * t).real if centered.is_complex() else centered * t
+    return (2 * spread).sum(dims, keepdim=keepdim) / max(n - correction, 0)
 
 
 _STD = {aten.std, aten.std_mean}
