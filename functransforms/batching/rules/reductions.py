@@ -114,3 +114,14 @@ def aminmax(interp, func, args, bdims, kwargs):
     if rank == 0:
         return drop_scalar_dim(func(x.unsqueeze(1), dim=1, keepdim=keepdim)), 0
     return func(x, dim=physical_dim(dim, rank), keepdim=keepdim), 0
+
+
+@batch_rule(torch.ops.prims.prod.default)
+def prims_prod(interp, func, args, bdims, kwargs):
+    # Decompositions at a jvp level above (cumprod's) emit prims.prod.
+    x, dims = args[0], args[1]
+    rank = x.dim() - 1
+    if dims is None:
+        dims = range(rank)
+    dims = [physical_dim(d, rank) for d in dims] if rank else []
+    return func(x, dims, *args[2:], **kwargs), 0
