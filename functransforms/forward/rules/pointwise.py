@@ -55,7 +55,9 @@ UNARY = {
     aten.special_ndtr: lambda x, out: (-0.5 * x * x).exp() / math.sqrt(2 * math.pi),
     aten.special_erfcx: lambda x, out: 2 * x * out - _TWO_OVER_SQRT_PI,
     aten.special_i1: lambda x, out: torch.special.i0(x) - torch.where(x == 0, 0.5, out / x),
-    aten.special_i1e: lambda x, out: torch.special.i0e(x) - out * (x.sgn() + torch.where(x == 0, 0.0, 1 / x)),
+    # i1e'(0) = 1/2; away from 0, i0e - i1e * (sgn + 1/x).
+    aten.special_i1e: lambda x, out: torch.where(
+        x == 0, 0.5, torch.special.i0e(x) - out * (x.sgn() + 1 / torch.where(x == 0, 1.0, x))),
     aten.special_ndtri: lambda x, out: math.sqrt(2 * math.pi) * (0.5 * out * out).exp(),
     aten.special_log_ndtr: lambda x, out: (-0.5 * x * x - out).exp() / math.sqrt(2 * math.pi),
 }

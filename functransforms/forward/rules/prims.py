@@ -4,7 +4,7 @@ so they need rules; most are the aten rules under another name.
 """
 import torch
 
-from ..registry import JVP_RULES, jvp_rule, register_rule
+from ..registry import JVP_RULES, fit_tangent, jvp_rule, register_rule
 from .linear import linear_rule
 from . import reductions  # noqa: F401  (amax/amin rules are shared)
 from .pointwise import UNARY, ZERO_DERIVATIVE, no_tangent
@@ -63,6 +63,15 @@ def frexp(func, primals, tangents, kwargs):
 for _name in ("eq ne lt le gt ge isfinite bitwise_and bitwise_or bitwise_xor bitwise_not "
               "full_like fill item signbit").split():
     register_rule(getattr(prims, _name), no_tangent)
+
+
+@jvp_rule(prims.nextafter.default)
+def nextafter(func, primals, tangents, kwargs):
+    # torch's convention: the result moves with ``self`` (it is ``self`` up to one ulp) and
+    # not with ``other``.
+    out = func(*primals, **kwargs)
+    t = tangents[0]
+    return out, None if t is None else fit_tangent(t, out)
 
 
 @jvp_rule(prims.prod.default)
