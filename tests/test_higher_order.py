@@ -208,3 +208,22 @@ def test_norms_forward_over_reverse(name):
 
     both(lambda T: T.jvp(pullback(T), (*primals, ct), tangents))
     both(lambda T: T.vjp(pullback(T), *primals, ct)[1](tuple(t[..., :] for t in tangents[:3])))
+
+
+# jvp serves these with torch._refs decompositions that end in prims; the prims' primals are
+# computed on values a grad level records, so they must be recorded as aten ops.
+REFS_DECOMPOSED = {
+    "cumprod": lambda x: x.cumprod(0),
+    "renorm": lambda x: torch.renorm(x.reshape(2, 3), 2, 0, 1.0),
+    "logit": lambda x: torch.logit(x.sigmoid(), eps=0.2),
+    "vander": lambda x: torch.linalg.vander(x[:3]),
+    "copysign": lambda x: torch.copysign(x, x.flip(0)) * x,
+}
+
+
+@pytest.mark.parametrize("name", list(REFS_DECOMPOSED))
+def test_reverse_over_forward_refs_decompositions(xva, name):
+    x, v, _ = xva
+    f = REFS_DECOMPOSED[name]
+    both(lambda T: T.grad(lambda x: T.jvp(f, (x,), (v,))[1].sin().sum())(x))
+    both(lambda T: T.jacrev(lambda x: T.jvp(f, (x,), (v,))[1])(x))
