@@ -171,7 +171,9 @@ def as_strided(func, primals, tangents, kwargs):
         # as_strided_backward writes the cotangent through ``zeros.as_strided(...)``, and a
         # copy would drop that write, and with it the cotangent's tangent.
         return out, t.as_strided(size, stride, offset)
-    laid_out = torch.empty_strided(x.shape, x.stride(), dtype=out.dtype, device=x.device)
+    # Otherwise the tangent is copied into a buffer laid out like the primal, made from the
+    # tangent: a batched (vmap) or recorded (grad below) tangent needs a buffer of its level.
+    laid_out = t.new_empty_strided(x.shape, x.stride(), dtype=out.dtype)
     laid_out.copy_(tangents[0])
     rel = offset - x.storage_offset()
     return out, laid_out.as_strided(size, stride, laid_out.storage_offset() + rel)
