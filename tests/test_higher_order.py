@@ -220,7 +220,7 @@ REFS_DECOMPOSED = {
     "copysign": lambda x: torch.copysign(x, x.flip(0)) * x,
     # not refs, but the same composition: as_strided's tangent buffer must belong to the
     # grad level below, or the copy into it is refused as a write into a captured tensor.
-    "as_strided": lambda x: x.t().as_strided((2, 2), (1, 2), 1) if x.dim() > 1 else x.as_strided((2, 2), (1, 2), 1),
+    "as_strided": lambda x: x.as_strided((2, 2), (1, 2), 1),
     "group_norm": lambda x: F.group_norm(x.reshape(1, 6, 1), 3),
 }
 
@@ -231,3 +231,27 @@ def test_reverse_over_forward_refs_decompositions(xva, name):
     f = REFS_DECOMPOSED[name]
     both(lambda T: T.grad(lambda x: T.jvp(f, (x,), (v,))[1].sin().sum())(x))
     both(lambda T: T.jacrev(lambda x: T.jvp(f, (x,), (v,))[1])(x))
+
+
+def test_constants_written_into_captured_tensors(xva):
+    # cosine_similarity's kernel clamps the norm of a captured input in place with an eps
+    # tensor it creates: that tensor belongs to the transforms (adopted) but carries no
+    # tangent and no gradient, so the write is no captured mutation.
+    x, v, A = xva
+    x2, v2, y = x.reshape(2, 3), v.reshape(2, 3), A[:2, :3]
+    f = lambda a: F.cosine_similarity(a, y)  # noqa: E731
+    both(lambda T: T.jvp(f, (x2,), (v2,)))
+    both(lambda T: T.jacrev(T.grad(lambda a: f(a).sum()))(x2))
+    captured = torch.zeros(3, dtype=x.dtype)
+
+    def writes_tracked(x):
+        buf = torch.zeros(3, dtype=x.dtype)
+        buf[0] = x[0]
+        captured.add_(buf)
+        return buf
+
+    with pytest.raises(RuntimeError, match="in-place"):
+        ft.jvp(writes_tracked, (x,), (v,))
+    with pytest.raises(RuntimeError, match="in-place"):
+        ft.grad(lambda x: captured.add_(x[:3]).sum())(x)
+    assert level_stack() == []
