@@ -255,3 +255,28 @@ def test_constants_written_into_captured_tensors(xva):
     with pytest.raises(RuntimeError, match="in-place"):
         ft.grad(lambda x: captured.add_(x[:3]).sum())(x)
     assert level_stack() == []
+
+
+def test_exception_inside_second_order_leaves_stack_clean(xva):
+    x, v, _ = xva
+
+    def inner_fails(x):
+        y = F.silu(x)
+        _, vjp_fn = ft.vjp(F.silu, y)
+        return vjp_fn(torch.ones(3, dtype=x.dtype))[0].sum()  # wrong cotangent shape
+
+    with pytest.raises(RuntimeError, match="shape"):
+        ft.grad(ft.grad(inner_fails))(x)
+    assert level_stack() == []
+
+    def raises_midway(x):
+        g = ft.grad(lambda x: F.mish(x).sum())(x)
+        if g.sum() < 1e9:
+            raise ValueError("user error")
+        return g.sum()
+
+    with pytest.raises(ValueError, match="user error"):
+        ft.jvp(ft.grad(raises_midway), (x,), (v,))
+    assert level_stack() == []
+    # The process is still usable: the same composition runs and agrees afterwards.
+    both(lambda T: T.jacrev(T.jacrev(lambda x: F.silu(x).sum()))(x))
