@@ -10,6 +10,7 @@ examples, the same for each. Inside ``with process_axis("ranks"):`` the same cal
 ``psum(g, ("batch", "ranks"))``.
 """
 import numbers
+import time
 
 import torch
 import torch.distributed as dist
@@ -157,11 +158,19 @@ class ProcessAxis(Axis):
         super().__init__(name, dist.get_world_size(group) if distributed else 1)
         self.group = group
         self.rank = dist.get_rank(group) if distributed else 0
+        self.calls = 0
+        self.seconds = 0.0
+
+    def _communicate(self, collective, *args):
+        start = time.perf_counter()
+        collective(*args, group=self.group)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
 
     def _all_reduce(self, x, op):
         out = x.clone(memory_format=torch.contiguous_format)
         if self.size > 1:
-            dist.all_reduce(out, op=op, group=self.group)
+            self._communicate(dist.all_reduce, out, op)
         return out
 
     def psum(self, x):
@@ -181,7 +190,7 @@ class ProcessAxis(Axis):
             parts = [x]
         else:
             parts = [torch.empty_like(x) for _ in range(self.size)]
-            dist.all_gather(parts, x, group=self.group)
+            self._communicate(dist.all_gather, parts, x)
         return torch.cat(parts, dim) if tiled else torch.stack(parts, dim)
 
     def index(self):
