@@ -74,8 +74,7 @@ def _single_process():
 
 
 def test_two_processes_match_one(tmp_path):
-    outputs = launch(2, ["--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH),
-                         "--out", str(tmp_path / "params.pt")], tmp_path,
+    outputs = launch(2, ["--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH)], tmp_path,
                      per_rank_args=lambda r: ["--out", str(tmp_path / f"params{r}.pt")])
     assert "2 process(es)" in outputs[0]
     expected = _single_process()
