@@ -204,6 +204,18 @@ def test_process_axis_of_one_process():
     assert bound_axes() == []
 
 
+def test_process_axis_sums_a_pytree_in_one_call_per_dtype():
+    tree = {"w": XS, "b": XS[:, 0], "f": XS.float() * 3, "n": (XS > 0).long()}
+    with ft.process_axis("ranks"):
+        out = ft.vmap(lambda t: ft.psum(t, ("b", "ranks")), axis_name="b", out_dims=None)(tree)
+        g = ft.vmap(ft.grad(lambda x: ft.psum({"a": x.sin(), "c": x[:2] ** 2}, ("ranks", "b"))["c"].sum()
+                            + ft.psum(x.sin(), "ranks").sum()), axis_name="b")(XS)
+    for k, v in tree.items():
+        torch.testing.assert_close(out[k], v.sum(0))
+    expected = torch.func.grad(lambda xs: N * (xs[:, :2] ** 2).sum() + xs.sin().sum())(XS)
+    torch.testing.assert_close(g, expected)
+
+
 # -- errors ----------------------------------------------------------------------------
 
 def test_unknown_name():

@@ -29,7 +29,7 @@ def _resolve(axis_name, what):
     return [resolve_axis(name, what) for name in names]
 
 
-def _map_leaves(fn, tree, what):
+def _leaves(tree, what):
     leaves, spec = tree_flatten(tree)
     out = []
     for leaf in leaves:
@@ -40,8 +40,30 @@ def _map_leaves(fn, tree, what):
                 f"{what}: expected tensors or Python numbers (in any pytree), got a leaf of "
                 f"type {type(leaf).__name__}."
             )
-        out.append(fn(leaf))
-    return tree_unflatten(out, spec)
+        out.append(leaf)
+    return out, spec
+
+
+def _map_leaves(fn, tree, what):
+    leaves, spec = _leaves(tree, what)
+    return tree_unflatten([fn(leaf) for leaf in leaves], spec)
+
+
+def _bucketed(op, axis, leaves):
+    """One collective per dtype instead of one per leaf: over a process axis each call is a
+    round trip between processes (a model's gradients are one pytree of many tensors)."""
+    out = list(leaves)
+    by_dtype = {}
+    for i, leaf in enumerate(leaves):
+        by_dtype.setdefault(leaf.dtype, []).append(i)
+    for group in by_dtype.values():
+        if len(group) == 1:
+            out[group[0]] = op(leaves[group[0]], axis.id)
+            continue
+        flat = op(torch.cat([leaves[i].reshape(-1) for i in group]), axis.id)
+        for i, piece in zip(group, flat.split([leaves[i].numel() for i in group])):
+            out[i] = piece.reshape(leaves[i].shape)
+    return out
 
 
 def _reduction(op_name, what):
@@ -49,13 +71,13 @@ def _reduction(op_name, what):
 
     def reduce(x, axis_name):
         axes = _resolve(axis_name, what)
-
-        def one(leaf):
-            for axis in axes:
-                leaf = op(leaf, axis.id)
-            return leaf
-
-        return _map_leaves(one, x, what)
+        leaves, spec = _leaves(x, what)
+        for axis in axes:
+            if axis.kind == "process" and len(leaves) > 1:
+                leaves = _bucketed(op, axis, leaves)
+            else:
+                leaves = [op(leaf, axis.id) for leaf in leaves]
+        return tree_unflatten(leaves, spec)
 
     return reduce
 

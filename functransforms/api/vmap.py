@@ -172,6 +172,10 @@ def _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_
             a if d is None else BatchedTensor(a.movedim(d, 0) if d != 0 else a, level)
             for a, d in zip(flat_args, flat_in_dims)
         ]
+        if level.axis is not None:
+            level.axis.device = next(
+                a.device for a, d in zip(flat_args, flat_in_dims) if d is not None
+            )
         # args_spec is None when every argument was a Tensor (see _flat_in_dims_fast).
         inputs = batched if args_spec is None else tree_unflatten(batched, args_spec)
         output = func(*inputs, **kwargs)

@@ -67,13 +67,14 @@ class VmapAxis(Axis):
     def __init__(self, name, level):
         super().__init__(name, level.batch_size)
         self.level = level
+        self.device = None  # the mapped inputs' device, for axis_index
 
     def index(self):
         if not self.level.alive:
             raise RuntimeError(
                 f"axis_index({self.name!r}): the vmap that bound this name has returned."
             )
-        return BatchedTensor(torch.arange(self.size), self.level)
+        return BatchedTensor(torch.arange(self.size, device=self.device), self.level)
 
 
 class VmapInterpreter(Interpreter):
