@@ -3,8 +3,8 @@ spent in communication, at 1 and 2 processes.
 
 functransforms runs the recipe of ``functransforms/examples/dp_sgd_distributed.py``
 (``psum(clipped, ("batch", "ranks"))`` inside ``vmap(grad)``); torch.func runs the same
-step by hand (``vmap(grad)``, clipping, a sum over the batch, one ``dist.all_reduce`` per
-parameter). Every process takes an equal share of the same global batch. Both
+step by hand (``vmap(grad)``, clipping, a sum over the batch, one ``dist.all_reduce`` of
+all the sums in one buffer). Every process takes an equal share of the same global batch. Both
 implementations run in the same processes, interleaved round by round over a fixed number
 of steps (time budgets would differ between processes, and every process must issue the
 same collectives). Communication is the wall time inside torch.distributed calls, waiting
@@ -63,15 +63,16 @@ def _steps(axis, world, global_batch, impl):
             g = psg(params, x, y)
             norms = torch.stack([v.flatten(1).pow(2).sum(1) for v in g.values()], 1).sum(1).sqrt()
             scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-            out = {}
-            for k, v in g.items():
-                s = (v * scale.view(-1, *[1] * (v.dim() - 1))).sum(0)
-                if world > 1:
-                    t0 = time.perf_counter()
-                    dist.all_reduce(s)
-                    comm["s"] += time.perf_counter() - t0
-                out[k] = s
-            return out
+            sums = {k: (v * scale.view(-1, *[1] * (v.dim() - 1))).sum(0) for k, v in g.items()}
+            if world == 1:
+                return sums
+            # one bucket, as DDP and functransforms' psum of a pytree do
+            flat = torch.cat([v.reshape(-1) for v in sums.values()])
+            t0 = time.perf_counter()
+            dist.all_reduce(flat)
+            comm["s"] += time.perf_counter() - t0
+            pieces = flat.split([v.numel() for v in sums.values()])
+            return {k: p.view_as(v) for (k, v), p in zip(sums.items(), pieces)}
 
     def one_step():
         idx = torch.randint(len(x_train), (global_batch,), generator=batches)
