@@ -3,6 +3,7 @@ few steps equal the single-process run's to float64 rounding; a failing rank fai
 with its own error, and nothing waits longer than a bounded timeout."""
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -146,3 +147,22 @@ print("rank", rank, "ok")
 def test_collectives_over_two_processes(tmp_path):
     outputs = launch(2, [], tmp_path, command=("-c", WORKER))
     assert [o.strip().splitlines()[-1] for o in outputs] == ["rank 0 ok", "rank 1 ok"]
+
+
+@pytest.mark.slow
+def test_the_readme_torchrun_command(tmp_path):
+    # torchrun itself, as the README says; its workers die with it (own session, killed whole).
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "-m", "functransforms.examples.dp_sgd_distributed",
+           "--steps", "2", "--global-batch", "8", "--timeout", "30"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, out
+    assert "2 process(es), global batch 8" in out
