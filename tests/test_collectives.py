@@ -242,6 +242,8 @@ def test_bad_arguments():
         ft.vmap(lambda x: x, axis_name="b", chunk_size=2)
     with pytest.raises(ValueError, match="single name"):
         ft.vmap(lambda x: x, axis_name=("a", "b"))
+    with pytest.raises(TypeError, match="axis_name must be hashable"):
+        ft.vmap(lambda x: x, axis_name={"a": 1})
     with pytest.raises(IndexError, match="axis=3 is out of range"):
         ft.vmap(lambda x: ft.all_gather(x, "b", axis=3), axis_name="b")(XS)
     with pytest.raises(ValueError, match="tiled=True needs"):

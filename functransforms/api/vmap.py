@@ -142,7 +142,12 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None, ax
                 f"vmap: axis_name must be a single name (a str or other hashable), got "
                 f"{axis_name!r}; nest vmaps to map over several named axes."
             )
-        hash(axis_name)
+        try:
+            hash(axis_name)
+        except TypeError:
+            raise TypeError(
+                f"vmap: axis_name must be hashable (a str, say), got {type(axis_name).__name__}."
+            ) from None
         if chunk_size is not None:
             raise ValueError(
                 "vmap: chunk_size cannot be combined with axis_name: a collective would only "

@@ -57,6 +57,7 @@ class BatchedTensor(LevelTensor):
 
 _NO_KWARGS = {}
 
+
 class VmapAxis(Axis):
     """The examples of one vmap level as a named axis (NOTE [Named axes] in
     core/collectives.py). Values batched at the level are reduced by its batching rules;
