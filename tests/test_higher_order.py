@@ -242,6 +242,7 @@ def test_constants_written_into_captured_tensors(xva):
     f = lambda a: F.cosine_similarity(a, y)  # noqa: E731
     both(lambda T: T.jvp(f, (x2,), (v2,)))
     both(lambda T: T.jacrev(T.grad(lambda a: f(a).sum()))(x2))
+    both(lambda T: T.grad(lambda a: T.jvp(f, (a,), (v2,))[1].sin().sum())(x2))
     captured = torch.zeros(3, dtype=x.dtype)
 
     def writes_tracked(x):
@@ -280,3 +281,17 @@ def test_exception_inside_second_order_leaves_stack_clean(xva):
     assert level_stack() == []
     # The process is still usable: the same composition runs and agrees afterwards.
     both(lambda T: T.jacrev(T.jacrev(lambda x: F.silu(x).sum()))(x))
+
+
+def test_reverse_over_forward_inplace_under_no_grad(xva):
+    # An in-place op under no_grad changes a dual's tangent values but not its history, as
+    # in torch: the grad level below still differentiates the tangent as before.
+    x, v, _ = xva
+
+    def f(a):
+        n = (a * a).sum().clone()
+        with torch.no_grad():
+            n.mul_(2)
+        return n * a
+
+    both(lambda T: T.grad(lambda a: T.jvp(f, (a,), (v,))[1].sin().sum())(x))

@@ -23,7 +23,7 @@ from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
 from ..core.ops import decomposition, decomposition_for_jvp, functional_twin, twin_call
-from ..core.wrapper import LevelTensor, mutated_arg_positions
+from ..core.wrapper import LevelTensor, mutated_arg_positions, tracked_below
 from .fallback import general_jvp, op_name
 from .registry import JVP_RULES
 
@@ -161,6 +161,12 @@ def _inplace_via_functional(functional):
             if target._value._base is not None and old is not None and old._base is not None:
                 old.copy_(tangent)
                 return target
+            if old is not None and not torch.is_grad_enabled() and tracked_below(old):
+                # An in-place op under no_grad changes values, not history (cosine_similarity
+                # clamps its norms so): levels below must keep differentiating the tangent
+                # as the old one, which a tangent computed under no_grad would not let them.
+                with torch.enable_grad():
+                    tangent = old + (tangent - old).detach()
         target._tangent = tangent
         return target
 
