@@ -208,3 +208,90 @@ def test_norms_forward_over_reverse(name):
 
     both(lambda T: T.jvp(pullback(T), (*primals, ct), tangents))
     both(lambda T: T.vjp(pullback(T), *primals, ct)[1](tuple(t[..., :] for t in tangents[:3])))
+
+
+# jvp serves these with torch._refs decompositions that end in prims; the prims' primals are
+# computed on values a grad level records, so they must be recorded as aten ops.
+REFS_DECOMPOSED = {
+    "cumprod": lambda x: x.cumprod(0),
+    "renorm": lambda x: torch.renorm(x.reshape(2, 3), 2, 0, 1.0),
+    "logit": lambda x: torch.logit(x.sigmoid(), eps=0.2),
+    "vander": lambda x: torch.linalg.vander(x[:3]),
+    "copysign": lambda x: torch.copysign(x, x.flip(0)) * x,
+    # not refs, but the same composition: as_strided's tangent buffer must belong to the
+    # grad level below, or the copy into it is refused as a write into a captured tensor.
+    "as_strided": lambda x: x.as_strided((2, 2), (1, 2), 1),
+    "group_norm": lambda x: F.group_norm(x.reshape(1, 6, 1), 3),
+}
+
+
+@pytest.mark.parametrize("name", list(REFS_DECOMPOSED))
+def test_reverse_over_forward_refs_decompositions(xva, name):
+    x, v, _ = xva
+    f = REFS_DECOMPOSED[name]
+    both(lambda T: T.grad(lambda x: T.jvp(f, (x,), (v,))[1].sin().sum())(x))
+    both(lambda T: T.jacrev(lambda x: T.jvp(f, (x,), (v,))[1])(x))
+
+
+def test_constants_written_into_captured_tensors(xva):
+    # cosine_similarity's kernel clamps the norm of a captured input in place with an eps
+    # tensor it creates: that tensor belongs to the transforms (adopted) but carries no
+    # tangent and no gradient, so the write is no captured mutation.
+    x, v, A = xva
+    x2, v2, y = x.reshape(2, 3), v.reshape(2, 3), A[:2, :3]
+    f = lambda a: F.cosine_similarity(a, y)  # noqa: E731
+    both(lambda T: T.jvp(f, (x2,), (v2,)))
+    both(lambda T: T.jacrev(T.grad(lambda a: f(a).sum()))(x2))
+    both(lambda T: T.grad(lambda a: T.jvp(f, (a,), (v2,))[1].sin().sum())(x2))
+    captured = torch.zeros(3, dtype=x.dtype)
+
+    def writes_tracked(x):
+        buf = torch.zeros(3, dtype=x.dtype)
+        buf[0] = x[0]
+        captured.add_(buf)
+        return buf
+
+    with pytest.raises(RuntimeError, match="in-place"):
+        ft.jvp(writes_tracked, (x,), (v,))
+    with pytest.raises(RuntimeError, match="in-place"):
+        ft.grad(lambda x: captured.add_(x[:3]).sum())(x)
+    assert level_stack() == []
+
+
+def test_exception_inside_second_order_leaves_stack_clean(xva):
+    x, v, _ = xva
+
+    def inner_fails(x):
+        y = F.silu(x)
+        _, vjp_fn = ft.vjp(F.silu, y)
+        return vjp_fn(torch.ones(3, dtype=x.dtype))[0].sum()  # wrong cotangent shape
+
+    with pytest.raises(RuntimeError, match="shape"):
+        ft.grad(ft.grad(inner_fails))(x)
+    assert level_stack() == []
+
+    def raises_midway(x):
+        g = ft.grad(lambda x: F.mish(x).sum())(x)
+        if g.sum() < 1e9:
+            raise ValueError("user error")
+        return g.sum()
+
+    with pytest.raises(ValueError, match="user error"):
+        ft.jvp(ft.grad(raises_midway), (x,), (v,))
+    assert level_stack() == []
+    # The process is still usable: the same composition runs and agrees afterwards.
+    both(lambda T: T.jacrev(T.jacrev(lambda x: F.silu(x).sum()))(x))
+
+
+def test_reverse_over_forward_inplace_under_no_grad(xva):
+    # An in-place op under no_grad changes a dual's tangent values but not its history, as
+    # in torch: the grad level below still differentiates the tangent as before.
+    x, v, _ = xva
+
+    def f(a):
+        n = (a * a).sum().clone()
+        with torch.no_grad():
+            n.mul_(2)
+        return n * a
+
+    both(lambda T: T.grad(lambda a: T.jvp(f, (a,), (v,))[1].sin().sum())(x))

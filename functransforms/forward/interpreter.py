@@ -23,7 +23,7 @@ from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
 from ..core.ops import decomposition, decomposition_for_jvp, functional_twin, twin_call
-from ..core.wrapper import LevelTensor, mutated_arg_positions
+from ..core.wrapper import LevelTensor, mutated_arg_positions, tracked_below
 from .fallback import general_jvp, op_name
 from .registry import JVP_RULES
 
@@ -52,8 +52,12 @@ class JvpInterpreter(Interpreter):
 
     def adopt(self, tensor):
         # A tensor the user's function creates: a dual with a zero tangent, so in-place
-        # writes of duals into it (buf[i] = x) carry their tangents.
-        return DualTensor(tensor, torch.zeros_like(tensor), self)
+        # writes of duals into it (buf[i] = x) carry their tangents. Until something is
+        # written into that tangent the dual stands for a constant (see _is_constant).
+        tangent = torch.zeros_like(tensor)
+        dual = DualTensor(tensor, tangent, self)
+        dual._adopted = (tangent, tangent._version)
+        return dual
 
     def process(self, func, args, kwargs):
         handler = _HANDLERS.get(id(func))
@@ -130,7 +134,13 @@ def _inplace_via_functional(functional):
     def handle(interp, func, args, kwargs):
         target = args[0]
         if not (isinstance(target, LevelTensor) and target._level is interp):
-            raise CapturedMutationError(captured_mutation_message(func))
+            if not _only_constants(interp, args, kwargs):
+                raise CapturedMutationError(captured_mutation_message(func))
+            # Only adopted constants of this level (an ``eps`` tensor a composite kernel
+            # made) are written into a tensor that is not a dual: nothing to carry.
+            with lowering(None):
+                return func(*(_primal(a, interp) for a in args),
+                            **{k: _primal(v, interp) for k, v in kwargs.items()})
         result = functional(*args, **kwargs)
         if isinstance(result, LevelTensor) and result._level is interp:
             value, tangent = result._value, result._tangent
@@ -151,10 +161,42 @@ def _inplace_via_functional(functional):
             if target._value._base is not None and old is not None and old._base is not None:
                 old.copy_(tangent)
                 return target
+            if old is not None and not torch.is_grad_enabled() and tracked_below(old):
+                # An in-place op under no_grad changes values, not history (cosine_similarity
+                # clamps its norms so): levels below must keep differentiating the tangent
+                # as the old one, which a tangent computed under no_grad would not let them.
+                with torch.enable_grad():
+                    tangent = old + (tangent - old).detach()
         target._tangent = tangent
         return target
 
     return handle
+
+
+def _is_constant(dual):
+    """An adopted dual whose zero tangent nothing has written into (same object, same
+    version: a write through a view of it bumps the shared version counter)."""
+    adopted = getattr(dual, "_adopted", None)
+    return adopted is not None and adopted[0] is dual._tangent and adopted[0]._version == adopted[1]
+
+
+def _only_constants(level, args, kwargs):
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, LevelTensor) and a._level is level and not _is_constant(a):
+            return False
+        if type(a) in (list, tuple) and any(
+            isinstance(b, LevelTensor) and b._level is level and not _is_constant(b) for b in a
+        ):
+            return False
+    return True
+
+
+def _primal(a, level):
+    if isinstance(a, LevelTensor) and a._level is level:
+        return a._value
+    if type(a) in (list, tuple):
+        return type(a)(_primal(b, level) for b in a)
+    return a
 
 
 def _inplace_view(functional):

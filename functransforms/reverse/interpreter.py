@@ -93,7 +93,11 @@ class GradInterpreter(Interpreter):
             returned = returned_arg_positions(func)
             for i in returned:
                 if i is not None and not (isinstance(args[i], LevelTensor) and args[i]._level is self):
-                    raise RuntimeError(_captured_mutation_message(func))
+                    # Writing this level's constants (an ``eps`` tensor a composite kernel
+                    # made) into a captured tensor loses no gradient; anything this level
+                    # tracks would.
+                    if _any_tracked_here(self, args, kwargs):
+                        raise RuntimeError(_captured_mutation_message(func))
         # Only values tracked by a lower level need the op recorded below; skipping the
         # lowering context otherwise is what keeps a single grad level cheap.
         tracked = False
@@ -144,6 +148,14 @@ def _sync_metadata(wrapper):
     if wrapper.shape != value.shape or wrapper.stride() != value.stride():
         with no_dispatch():
             wrapper.as_strided_(value.shape, value.stride())
+
+
+def _any_tracked_here(level, args, kwargs):
+    for a in (*args, *kwargs.values()):
+        for b in (a if type(a) in (list, tuple) else (a,)):
+            if isinstance(b, LevelTensor) and b._level is level and b.requires_grad:
+                return True
+    return False
 
 
 def _unwrap(a, level):

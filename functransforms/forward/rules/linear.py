@@ -173,6 +173,8 @@ def as_strided(func, primals, tangents, kwargs):
         # as_strided_backward writes the cotangent through ``zeros.as_strided(...)``, and a
         # copy would drop that write, and with it the cotangent's tangent.
         return out, t.as_strided(size, stride, offset)
+    # Otherwise the tangent is copied into a buffer laid out like the primal, made from the
+    # tangent: a batched (vmap) or recorded (grad below) tangent needs a buffer of its level.
     laid_out = t.new_empty_strided(x.shape, x.stride(), dtype=out.dtype)
     laid_out.copy_(t)
     rel = offset - x.storage_offset()

@@ -36,6 +36,7 @@ def _register_same_as_aten():
         ("hypot", aten.hypot.default), ("bessel_i1", aten.special_i1.default),
         ("bessel_i1e", aten.special_i1e.default), ("ndtri", aten.special_ndtri.default),
         ("bessel_i0", aten.i0.default), ("bessel_i0e", aten.special_i0e.default),
+        ("abs", aten.abs.default),
     ):
         register_rule(getattr(prims, name), JVP_RULES[aten_op])
 
@@ -117,3 +118,39 @@ def _prod_tangent(x, t, dims):
     before = torch.cat([ones, xs[..., :-1]], -1).cumprod(-1)
     after = torch.cat([xs[..., 1:], ones], -1).flip(-1).cumprod(-1).flip(-1)
     return (ts * before * after).sum(-1)
+
+
+class _ViaAten:
+    """A prim that, when called, runs its aten implementation (``impl_aten``).
+
+    A rule computes its primal one level down, where a grad level (or torch autograd) may be
+    recording: prims have no derivative formulas, so recording them would fail at backward
+    ("Trying to backward through prims.where.default"). The aten ops of ``impl_aten`` are
+    recorded instead. Everything else (schema, name) is read from the prim.
+    """
+
+    __slots__ = ("_prim", "_impl")
+
+    def __init__(self, prim):
+        self._prim = prim
+        self._impl = prim.impl_aten
+
+    def __call__(self, *args, **kwargs):
+        return self._impl(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._prim, name)
+
+
+def _via_aten(prim, rule):
+    proxy = _ViaAten(prim)
+
+    def run(func, primals, tangents, kwargs):
+        return rule(proxy, primals, tangents, kwargs)
+
+    return run
+
+
+for _op, _rule in list(JVP_RULES.items()):
+    if _op.namespace == "prims" and getattr(_op, "impl_aten", None) is not None:
+        JVP_RULES[_op] = _via_aten(_op, _rule)
