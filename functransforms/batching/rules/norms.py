@@ -241,6 +241,10 @@ def native_batch_norm_backward_rule(interp, func, args, bdims, kwargs):
     per_channel = [_per_channel(t, d, B) for t, d in zip((w, rm, rv, save_mean, save_invstd),
                                                          bdims[2:7])]
     grad_input, grad_weight, grad_bias = func(grad_out, x, *per_channel, train, eps, output_mask)
+    # A level below may serve the op with a decomposition that fills unrequested outputs
+    # with placeholders: only the requested ones are results.
+    grad_input, grad_weight, grad_bias = (
+        g if wanted else None for g, wanted in zip((grad_input, grad_weight, grad_bias), output_mask))
     if grad_input is not None:
         grad_input = _channels_out(grad_input, B)
     if grad_weight is not None:
