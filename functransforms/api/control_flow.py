@@ -225,17 +225,19 @@ def scan(f, init, xs=None, length=None, reverse=False, unroll=1, *, checkpoint=F
     if not callable(f):
         raise TypeError("scan: f argument should be callable.")
     xs_leaves, xs_spec = tree_flatten(xs)
-    for x in xs_leaves:
+    # None stands for an empty subtree, as in JAX (torch's pytree counts it as a leaf).
+    scanned = [x for x in xs_leaves if x is not None]
+    for x in scanned:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise ValueError(
                 f"scan: every leaf of xs must be a tensor with a leading axis to scan over, got "
                 f"{_type_str(x)}."
             )
-    lengths = {x.shape[0] for x in xs_leaves}
+    lengths = {x.shape[0] for x in scanned}
     if len(lengths) > 1:
         raise ValueError(
             f"scan got values with different leading axis sizes: "
-            f"{', '.join(str(x.shape[0]) for x in xs_leaves)}."
+            f"{', '.join(str(x.shape[0]) for x in scanned)}."
         )
     if length is not None:
         length = int(length)
@@ -249,10 +251,10 @@ def scan(f, init, xs=None, length=None, reverse=False, unroll=1, *, checkpoint=F
     else:
         raise ValueError("scan got no values to scan over and `length` not provided.")
     body = checkpoint_rules(f, getattr(f, "__name__", "scan_body")) if checkpoint else f
-    slices = [x.unbind(0) for x in xs_leaves]
+    slices = [None if x is None else x.unbind(0) for x in xs_leaves]
 
     def step(carry, i):
-        x = tree_unflatten([s[i] for s in slices], xs_spec)
+        x = tree_unflatten([None if s is None else s[i] for s in slices], xs_spec)
         result = body(carry, x)
         if not (isinstance(result, (tuple, list)) and len(result) == 2):
             raise TypeError(
@@ -265,11 +267,12 @@ def scan(f, init, xs=None, length=None, reverse=False, unroll=1, *, checkpoint=F
     carry = init
     if length == 0:
         # As JAX, whose trace of f gives ys their shapes: run f once and keep none of it.
-        zeros = tree_unflatten([x.new_zeros(x.shape[1:]) for x in xs_leaves], xs_spec)
+        zeros = tree_unflatten([None if x is None else x.new_zeros(x.shape[1:])
+                                for x in xs_leaves], xs_spec)
         _, y = f(init, zeros)
         y_leaves, y_spec = tree_flatten(y)
-        return init, tree_unflatten([torch.as_tensor(v).unsqueeze(0)[:0] for v in y_leaves],
-                                    y_spec)
+        return init, tree_unflatten([None if v is None else torch.as_tensor(v).unsqueeze(0)[:0]
+                                     for v in y_leaves], y_spec)
     ys = [None] * length
     for i in (range(length - 1, -1, -1) if reverse else range(length)):
         carry, ys[i] = step(carry, i)
@@ -282,6 +285,7 @@ def scan(f, init, xs=None, length=None, reverse=False, unroll=1, *, checkpoint=F
                 f"{spec}."
             )
     columns = zip(*(leaves for leaves, _ in y_leaves))
-    stacked = [torch.stack([torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v
-                            for v in col]) for col in columns]
+    stacked = [None if col[0] is None else
+               torch.stack([v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for v in col])
+               for col in columns]
     return carry, tree_unflatten(stacked, y_spec)

@@ -157,6 +157,7 @@ class _UserRules:
         self.kind = kind
         self.name = owner.__name__
         self.owner = owner
+        self.plain_forward_mode = getattr(owner, "plain_forward_mode", False)
         nondiff_argnums = owner.nondiff_argnums
         self.nondiff = tuple(args[i] for i in nondiff_argnums)
         self.positions = tuple(i for i in range(len(args)) if i not in nondiff_argnums)
@@ -340,6 +341,7 @@ class _Batched:
         self.inner = inner
         self.kind = inner.kind
         self.name = inner.name
+        self.plain_forward_mode = inner.plain_forward_mode
         self.in_dims = in_dims
         self.batch_size = level.batch_size
         self.randomness = level.randomness
@@ -420,6 +422,9 @@ def _vmap_call(level, rules, leaves):
 
 def _jvp_call(level, rules, leaves):
     if rules.kind == "vjp":
+        if rules.plain_forward_mode:
+            # A checkpointed function is differentiated as the code it is.
+            return rules.fun(leaves)
         raise TypeError(
             f"can't apply forward-mode autodiff (jvp) to a custom_vjp function ({rules.name}). "
             f"Use reverse mode (grad, vjp, jacrev) on it, or define it with ft.custom_jvp to "
@@ -740,5 +745,6 @@ def checkpoint_rules(f, name):
 
     fun = custom_vjp(f)
     fun.__name__ = name
+    fun.plain_forward_mode = True
     fun.defvjp(fwd, bwd)
     return fun
