@@ -296,6 +296,16 @@ def test_cond_grad_flows_only_through_selected_branch_per_example():
     close(ft.vmap(ft.grad(f))(X), torch.where(X > 0, 3 * X ** 2, X.exp()))
 
 
+def test_vmap_cond_branch_undefined_on_other_examples_gives_no_nan_gradient():
+    X = torch.tensor([-1.0, 0.5, 2.0, -3.0], dtype=D)
+    f = lambda x: ft.cond(x > 0, lambda v: v.sqrt(), lambda v: v ** 2, x)  # noqa: E731
+    f_ref = lambda x: x.sqrt() if x > 0 else x ** 2  # noqa: E731
+    close(ft.vmap(ft.grad(f))(X), torch.stack([tf.grad(f_ref)(x) for x in X]))
+    close(ft.grad(lambda X: ft.vmap(f)(X).sum())(X), torch.stack([tf.grad(f_ref)(x) for x in X]))
+    close(ft.vmap(ft.hessian(f))(X), torch.stack([tf.hessian(f_ref)(x) for x in X]))
+    close(ft.jacfwd(ft.vmap(f))(X), torch.diag(torch.stack([tf.grad(f_ref)(x) for x in X])))
+
+
 @pytest.mark.parametrize("false_fun,leaf", [
     (lambda x: (x[:1], x), "[0]"),
     (lambda x: (x.float(), x), "[0]"),
@@ -594,3 +604,19 @@ def test_capture_runs_while_loop_eagerly():
     with pytest.warns(UserWarning, match="runs eagerly"):
         for scale in (1.0, -0.5, 2.0):
             close(captured(X * scale), torch.stack([while_halve_ref(x) for x in X * scale]))
+
+
+def test_readme_sections_examples_run():
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Control flow: `cond`"):readme.index("## Slow paths")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 6
+    ns = {"torch": torch, "ft": ft}
+    for block in blocks:
+        exec(block, ns)
+    x = torch.tensor([-1.0, 0.5, 2.0])
+    torch.testing.assert_close(ft.vmap(ft.grad(ns["f"]))(x), torch.tensor([-2.0, 0.5 ** -0.5 / 2,
+                                                                           2 ** -0.5 / 2]))
+    torch.testing.assert_close(ns["carry"], ns["ys"].atanh()[-1])

@@ -102,6 +102,28 @@ def _select_tree(pred, on_true, on_false):
     return tree_unflatten([_select(pred, t, f) for t, f in zip(t_leaves, f_leaves)], spec)
 
 
+def _only_where(pred, operands, taken):
+    """The operands as a branch sees them: detached for the examples that do not take it.
+
+    Each branch also runs on the other branch's examples, where it may be undefined
+    (``sqrt`` of a negative). Its output there is dropped by the select, but in reverse mode
+    the zero cotangent still meets the branch's local derivative (``0 * inf = nan``), and
+    that NaN would reach the operands' gradients. Detaching those examples' operands drops
+    it at the operand boundary instead (``where``'s backward selects, never multiplies).
+    """
+    leaves, spec = tree_flatten(operands)
+    guarded = []
+    for x in leaves:
+        if _is_float(x):
+            x = torch.where(pred, x, x.detach()) if taken else torch.where(pred, x.detach(), x)
+        guarded.append(x)
+    return tree_unflatten(guarded, spec)
+
+
+def _is_float(x):
+    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+
+
 def cond(pred, true_fun, false_fun, *operands):
     """``true_fun(*operands)`` if ``pred`` else ``false_fun(*operands)``, as ``jax.lax.cond``.
 
@@ -109,7 +131,10 @@ def cond(pred, true_fun, false_fun, *operands):
     between examples runs *both* branches and selects each example's result with
     ``torch.where``; the branches' outputs must then agree in structure, shape and dtype
     (an error names the first leaf that differs). Gradients flow through the selected
-    branch only. Otherwise only the chosen branch runs.
+    branch only, and a branch undefined on the other branch's examples (``sqrt`` of a
+    negative) does not turn the operands' gradients into NaN; tensors a branch reads through
+    a closure rather than ``operands`` get no such guard (as ``torch.where`` in JAX or torch).
+    Otherwise only the chosen branch runs.
 
     >>> x = torch.tensor([-1.0, 2.0])
     >>> vmap(lambda x: cond(x > 0, torch.sin, torch.cos, x))(x)   # per-example branch
@@ -118,8 +143,8 @@ def cond(pred, true_fun, false_fun, *operands):
         raise TypeError("cond: true_fun and false_fun arguments should be callable.")
     pred = _check_pred(pred, "cond", "pred")
     if isinstance(pred, torch.Tensor) and _batched(pred):
-        on_true = true_fun(*operands)
-        on_false = false_fun(*operands)
+        on_true = true_fun(*_only_where(pred, operands, True))
+        on_false = false_fun(*_only_where(pred, operands, False))
         _check_same_types(on_true, on_false, "cond", "true_fun output", "false_fun output")
         return _select_tree(pred, on_true, on_false)
     return true_fun(*operands) if _concrete(pred) else false_fun(*operands)
