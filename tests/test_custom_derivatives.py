@@ -393,3 +393,31 @@ def test_custom_jvp_finite_differences_of_a_true_rule_under_compositions():
     close(ft.vmap(ft.hessian(lambda x, y: f(x, y).sum(), argnums=1))(X, Y),
           tf.vmap(tf.hessian(lambda x, y: ref(x, y).sum(), argnums=1))(X, Y))
     close(ft.jacfwd(ft.vmap(f))(X, Y), tf.jacfwd(tf.vmap(ref))(X, Y))
+
+
+def test_torch_autograd_outside_every_transform_uses_the_rules():
+    f, calls = make_fake_vjp()
+    x, y, _ = xy()
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    f(xr, yr).sum().backward()
+    close(xr.grad, 2 * x * y)
+    close(yr.grad, x.sin())
+    assert calls == {"fun": 0, "fwd": 1, "bwd": 1}
+    # Second order: bwd's own derivative, through create_graph.
+    xr = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(f(xr, y).sum(), xr, create_graph=True)
+    (hx,) = torch.autograd.grad(gx.sum(), xr)
+    close(hx, 2 * y)
+    # vmap under torch autograd: the batched rules are recorded.
+    xr = x.clone().requires_grad_()
+    ft.vmap(f)(xr, y).sum().backward()
+    close(xr.grad, 2 * x * y)
+
+    g, rule_calls = make_fake_jvp()
+    xr = x.clone().requires_grad_()
+    g(xr).sum().backward()
+    close(xr.grad, 3 * x ** 2)
+    assert rule_calls == {"fun": 1, "rule": 1}
+    with torch.no_grad():
+        close(g(xr), x.sin())
+    assert rule_calls == {"fun": 2, "rule": 1}

@@ -17,11 +17,14 @@ JAX's corresponding trace does with ``custom_vjp_call``/``custom_jvp_call``:
   * jvp: custom_jvp runs the rule one level down, as ordinary code; custom_vjp raises, as
     JAX does (forward mode of a function known only by its vjp is not defined).
 When no grad or jvp level is reached by the arguments the rules are irrelevant and ``fun``
-runs as ordinary code (vmap then batches it like any code).
+runs as ordinary code (vmap then batches it like any code), unless torch autograd records
+the call (an argument requires grad, outside every transform): then the same node as a grad
+level's is recorded for torch autograd, so ``.backward()`` uses the rules too.
 Every handler checks that what came back from one level down holds no wrapper of its own
 level or a deeper one: that only happens when the function closes over a tensor of that
 level (or is handed one through ``nondiff_argnums``), which JAX refuses as well.
 """
+import contextlib
 import functools
 import inspect
 
@@ -398,12 +401,13 @@ def _call(rules, leaves):
     """The primal outputs (flat) of the custom function ``rules`` at the innermost level."""
     level = _innermost(leaves)
     if level is None:
+        if _torch_autograd(leaves):
+            return _grad_call(None, rules, leaves)
         return rules.fun(leaves)
     if level.kind == "vmap":
         return _vmap_call(level, rules, leaves)
     if level.kind == "grad":
-        node = _VjpNode if rules.kind == "vjp" else _JvpTransposeNode
-        return _grad_call(node, level, rules, leaves)
+        return _grad_call(level, rules, leaves)
     if level.kind == "jvp":
         return _jvp_call(level, rules, leaves)
     raise RuntimeError(
@@ -446,58 +450,76 @@ def _jvp_call(level, rules, leaves):
 
 
 class _Pack:
-    """What a grad-level node needs besides its tensor inputs (handed to apply as one
-    non-tensor argument, so torch autograd sees only this level's wrappers as inputs)."""
+    """What a node needs besides its tensor inputs (handed to apply as one non-tensor
+    argument, so that torch autograd sees only the differentiated tensors as inputs).
+    ``level`` is the grad level, or None for torch autograd outside every transform."""
 
-    __slots__ = ("level", "rules", "leaves", "positions", "n_out", "others")
+    __slots__ = ("level", "rules", "leaves", "positions", "out", "out_positions")
 
     def __init__(self, level, rules, leaves, positions):
         self.level = level
         self.rules = rules
         self.leaves = leaves
         self.positions = positions
-        self.others = None
+        self.out = None
+        self.out_positions = None
 
 
-def _grad_call(node, level, rules, leaves):
-    positions = [i for i, x in enumerate(leaves)
-                 if isinstance(x, LevelTensor) and x._level is level]
+def _torch_autograd(leaves):
+    """Whether plain torch autograd, outside every transform, records this call."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
+
+
+def _grad_call(level, rules, leaves):
+    if level is None:
+        positions = [i for i, x in enumerate(leaves)
+                     if isinstance(x, torch.Tensor) and x.requires_grad]
+    else:
+        positions = [i for i, x in enumerate(leaves)
+                     if isinstance(x, LevelTensor) and x._level is level]
     pack = _Pack(level, rules, leaves, positions)
-    tensors = node.apply_node(pack, *[leaves[i] for i in positions])
-    out = list(pack.others)
-    for j, t in zip(pack.n_out, tensors):
+    node = _VjpNode if rules.kind == "vjp" else _JvpTransposeNode
+    # torch's own apply: ours (autograd_function.py) would route a Function applied to live
+    # wrappers to the autograd.Function machinery.
+    tensors = super(_Function, node).apply(pack, *[leaves[i] for i in positions])
+    out = list(pack.out)
+    for j, t in zip(pack.out_positions, tensors):
         out[j] = t
     return out
 
 
+def _lower(level):
+    # torch runs a node's forward with grad mode off; what runs one level down must be
+    # recorded there (so outer levels differentiate fwd's residuals and bwd).
+    return torch.enable_grad() if level is None else level.lower()
+
+
 class _GradNode(_Function):
-    @classmethod
-    def apply_node(cls, pack, *tensors):
-        # torch's own apply: ours (autograd_function.py) would route a Function applied to
-        # live wrappers to the autograd.Function machinery.
-        return super(_Function, cls).apply(pack, *tensors)
+    """The autograd node a grad level (or torch autograd) records for a custom rule."""
 
     @staticmethod
     def _values(pack):
-        level = pack.level
-        return [_unwrap(x, level) for x in pack.leaves]
+        return [_unwrap(x, pack.level) for x in pack.leaves]
 
     @staticmethod
     def _outputs(ctx, pack, out):
         level = pack.level
-        tensor_pos = [j for j, o in enumerate(out) if isinstance(o, torch.Tensor)]
-        pack.n_out = tensor_pos
-        pack.others = out
+        pack.out_positions = [j for j, o in enumerate(out) if isinstance(o, torch.Tensor)]
+        pack.out = out
         ctx.pack = pack
-        return tuple(GradTensor(out[j], level) for j in tensor_pos)
+        if level is None:
+            return tuple(out[j].detach() for j in pack.out_positions)
+        return tuple(GradTensor(out[j], level) for j in pack.out_positions)
 
     @staticmethod
     def _cotangents(ctx, cts):
-        level = ctx.pack.level
-        n = len(ctx.pack.others)
-        full = [None] * n
-        for j, c in zip(ctx.pack.n_out, cts):
-            full[j] = _unwrap(c, level) if c is not None else None
+        """One cotangent per output leaf, one level down; zeros for unused or integer
+        tensor outputs, so that rules see the output's structure."""
+        pack = ctx.pack
+        full = [None] * len(pack.out)
+        for j, c in zip(pack.out_positions, cts):
+            full[j] = _unwrap(c, pack.level) if c is not None else torch.zeros_like(pack.out[j])
         return full
 
     @staticmethod
@@ -507,77 +529,78 @@ class _GradNode(_Function):
         result = [None]
         for i in pack.positions:
             g = grads[i]
-            result.append(None if g is None else GradTensor(g, level))
+            result.append(g if g is None or level is None else GradTensor(g, level))
         return tuple(result)
 
 
 class _VjpNode(_GradNode):
-    """custom_vjp at a grad level: ``fwd`` and ``bwd`` run one level down as ordinary code."""
+    """custom_vjp: ``fwd`` and ``bwd`` run one level down as ordinary code."""
 
     @staticmethod
     def forward(ctx, pack, *tensors):
         rules, level = pack.rules, pack.level
-        with level.lower():
+        with _lower(level):
             out, res = rules.fwd(_GradNode._values(pack))
-        _check_no_deeper(list(out) + list(res), level.depth, "vjp", rules.name)
+        _check_no_deeper(list(out) + list(res), 0 if level is None else level.depth, "vjp",
+                         rules.name)
         ctx.res = res
         return _GradNode._outputs(ctx, pack, out)
 
     @staticmethod
     def backward(ctx, *cts):
         pack = ctx.pack
-        rules, level = pack.rules, pack.level
         cts = _GradNode._cotangents(ctx, cts)
-        with level.lower():
-            # Every tensor output gets a cotangent (zeros for unused or integer ones), so
-            # that bwd sees the output's structure.
-            cts = [torch.zeros_like(o) if c is None and isinstance(o, torch.Tensor) else c
-                   for c, o in zip(cts, pack.others)]
-            grads = rules.bwd(ctx.res, cts)
+        with pack.level.lower() if pack.level is not None else contextlib.nullcontext():
+            grads = pack.rules.bwd(ctx.res, cts)
         return _GradNode._grads(ctx, grads)
 
 
 class _JvpTransposeNode(_GradNode):
-    """custom_jvp at a grad level: the primal goes on down; backward transposes the rule."""
+    """custom_jvp: the primal goes on down (lower levels apply the rule too); backward is
+    the transpose of the rule in its tangents."""
 
     @staticmethod
     def forward(ctx, pack, *tensors):
         rules, level = pack.rules, pack.level
         values = _GradNode._values(pack)
-        with level.lower():
-            out = _call(rules, values)
-        _check_no_deeper(out, level.depth, "jvp", rules.name)
+        if level is None:
+            out = rules.fun(values)
+        else:
+            with level.lower():
+                out = _call(rules, values)
+        _check_no_deeper(out, 0 if level is None else level.depth, "jvp", rules.name)
         ctx.values = values
         return _GradNode._outputs(ctx, pack, out)
 
     @staticmethod
     def backward(ctx, *cts):
-        from .reverse import vjp
-
         pack = ctx.pack
-        rules, level = pack.rules, pack.level
         cts = _GradNode._cotangents(ctx, cts)
-        primals = ctx.values
-        diff = [i for i, p in enumerate(primals) if _is_float(p)]
-        out_pos = [j for j, o in enumerate(pack.others) if _is_float(o)]
-        with level.lower():
-            def tangent_map(*ts):
-                tangents = [None] * len(primals)
-                for i, t in zip(diff, ts):
-                    tangents[i] = t
-                _, t_out = rules.jvp(primals, tangents)
-                return tuple(t_out[j] for j in out_pos)
-
-            _, pullback = vjp(tangent_map, *[torch.zeros_like(primals[i]) for i in diff])
-            seeds = tuple(
-                cts[j] if cts[j] is not None else torch.zeros_like(pack.others[j])
-                for j in out_pos
-            )
-            flat = pullback(seeds)
-        grads = [None] * len(primals)
-        for i, g in zip(diff, flat):
-            grads[i] = g
+        with pack.level.lower() if pack.level is not None else contextlib.nullcontext():
+            grads = _transpose(pack.rules, ctx.values, pack.out, cts)
         return _GradNode._grads(ctx, grads)
+
+
+def _transpose(rules, primals, outs, cts):
+    """Cotangents of the primals: the vjp of ``t -> rule(primals, t)[1]``, linear in ``t``."""
+    from .reverse import vjp
+
+    diff = [i for i, p in enumerate(primals) if _is_float(p)]
+    out_pos = [j for j, o in enumerate(outs) if _is_float(o)]
+
+    def tangent_map(*ts):
+        tangents = [None] * len(primals)
+        for i, t in zip(diff, ts):
+            tangents[i] = t
+        _, t_out = rules.jvp(primals, tangents)
+        return tuple(t_out[j] for j in out_pos)
+
+    _, pullback = vjp(tangent_map, *[torch.zeros_like(primals[i]) for i in diff])
+    flat = pullback(tuple(cts[j] for j in out_pos))
+    grads = [None] * len(primals)
+    for i, g in zip(diff, flat):
+        grads[i] = g
+    return grads
 
 
 # ---------------------------------------------------------------------------------------
@@ -618,7 +641,8 @@ class _CustomFunction:
         rules = _UserRules(self, self.kind, args)
         _check_nondiff(rules.nondiff, self.kind, self.__name__)
         leaves = [_strip_dead(x) for x in rules.leaves]
-        if not _reaches_derivative_level(leaves):
+        if not _reaches_derivative_level(leaves) and not _torch_autograd(
+                [strip_wrappers(x) for x in leaves]):
             # Only vmap levels (or none) see the arguments: the rules never run.
             out = self.fun(*args)
             out_leaves, _ = tree_flatten(out)
