@@ -33,8 +33,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..batching.interpreter import BatchedTensor, VmapInterpreter
 from ..core.wrapper import LevelTensor
-from ..forward.interpreter import DualTensor
 from ..reverse.interpreter import GradTensor
+from .reverse import vjp
 
 __all__ = ["custom_vjp", "custom_jvp", "live_levels", "strip_wrappers", "checkpoint_rules"]
 
@@ -583,8 +583,6 @@ class _JvpTransposeNode(_GradNode):
 
 def _transpose(rules, primals, outs, cts):
     """Cotangents of the primals: the vjp of ``t -> rule(primals, t)[1]``, linear in ``t``."""
-    from .reverse import vjp
-
     diff = [i for i, p in enumerate(primals) if _is_float(p)]
     out_pos = [j for j, o in enumerate(outs) if _is_float(o)]
 
@@ -741,8 +739,6 @@ class custom_jvp(_CustomFunction):
 def checkpoint_rules(f, name):
     """``f`` as a custom_vjp that keeps only its inputs for reverse mode and recomputes
     the rest in backward."""
-    from .reverse import vjp
-
     def fwd(*args):
         return f(*args), args
 
