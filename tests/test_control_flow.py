@@ -484,6 +484,14 @@ def test_scan_length_without_xs_and_empty_scan():
     close(c, torch.zeros((), dtype=D))
 
 
+def test_scan_and_fori_loop_accept_a_python_number_as_scalar_carry():
+    x = torch.linspace(0.1, 1.0, 4, dtype=D)
+    c, ys = ft.scan(lambda c, xi: (c + xi, c * xi), 0.0, x)
+    close(c, x.sum())
+    close(ft.fori_loop(0, 3, lambda i, v: v + i, 0.5), 3.5)
+    close(ft.grad(lambda x: ft.scan(lambda c, xi: (c + xi.sin(), c), 0.0, x)[0])(x), x.cos())
+
+
 def test_scan_errors():
     x = torch.ones(3, 2, dtype=D)
     with pytest.raises(ValueError, match="different leading axis sizes"):

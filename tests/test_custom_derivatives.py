@@ -421,3 +421,13 @@ def test_torch_autograd_outside_every_transform_uses_the_rules():
     with torch.no_grad():
         close(g(xr), x.sin())
     assert rule_calls == {"fun": 2, "rule": 1}
+
+
+def test_custom_rules_under_functionalize():
+    f, calls = make_fake_vjp()
+    x, y, _ = xy()
+    close(ft.functionalize(f)(x, y), x.sin() * y)
+    close(ft.functionalize(ft.grad(lambda x: f(x, y).sum()))(x), 2 * x * y)
+    with pytest.raises(RuntimeError, match=r"functionalize\(grad\(f\)\) rather than"):
+        ft.grad(ft.functionalize(lambda x: f(x, y).sum()))(x)
+    assert level_stack() == []

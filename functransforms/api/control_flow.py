@@ -54,12 +54,20 @@ def _check_same_types(a, b, what, first, second):
         )
     for (path, x), y in zip(a_leaves, b_leaves):
         tx, ty = isinstance(x, torch.Tensor), isinstance(y, torch.Tensor)
+        if tx != ty and _python_scalar_vs_0d(x, y):
+            continue  # 0.0 as an initial carry is a scalar, as JAX's weak types allow
         if tx != ty or (tx and (x.shape != y.shape or x.dtype != y.dtype)):
             raise TypeError(
                 f"{what}: {first} and {second} must have identical types, but at leaf "
                 f"'{keystr(path) or '<output>'}' {first} is {_type_str(x)} and {second} is "
                 f"{_type_str(y)}."
             )
+
+
+def _python_scalar_vs_0d(x, y):
+    number = (bool, int, float)
+    return ((isinstance(x, number) and isinstance(y, torch.Tensor) and y.dim() == 0)
+            or (isinstance(y, number) and isinstance(x, torch.Tensor) and x.dim() == 0))
 
 
 def _check_pred(pred, what, name):

@@ -88,10 +88,13 @@ def _is_float(x):
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
+_DERIVATIVE_KINDS = ("grad", "jvp")
+
+
 def _reaches_derivative_level(leaves):
     for a in leaves:
         for lvl in live_levels(a):
-            if lvl.kind != "vmap":
+            if lvl.kind in _DERIVATIVE_KINDS:
                 return True
     return False
 
@@ -411,7 +414,10 @@ def _call(rules, leaves):
     if level.kind == "jvp":
         return _jvp_call(level, rules, leaves)
     raise RuntimeError(
-        f"custom_{rules.kind}: {rules.name} is not supported under the '{level.kind}' transform."
+        f"custom_{rules.kind}: {rules.name} is called under the '{level.kind}' transform with "
+        f"a grad or jvp level outside it, which custom rules cannot pass through. Apply "
+        f"'{level.kind}' outside the derivative transforms instead (e.g. "
+        f"functionalize(grad(f)) rather than grad(functionalize(f)))."
     )
 
 
@@ -645,7 +651,7 @@ class _CustomFunction:
             out = self.fun(*args)
             out_leaves, _ = tree_flatten(out)
             for x in out_leaves:
-                if any(lvl.kind != "vmap" for lvl in live_levels(x)):
+                if any(lvl.kind in _DERIVATIVE_KINDS for lvl in live_levels(x)):
                     raise TypeError(_closure_message(self.kind, self.__name__))
             return out
         out = _call(rules, leaves)
