@@ -431,3 +431,37 @@ def test_custom_rules_under_functionalize():
     with pytest.raises(RuntimeError, match=r"functionalize\(grad\(f\)\) rather than"):
         ft.grad(ft.functionalize(lambda x: f(x, y).sum()))(x)
     assert level_stack() == []
+
+
+def test_custom_vjp_with_a_true_rule_under_nested_vmaps_against_torch_func():
+    calls = {"fwd": 0, "bwd": 0}
+
+    @ft.custom_vjp
+    def g(x, w):
+        return (x * w).sin()
+
+    def fwd(x, w):
+        calls["fwd"] += 1
+        return (x * w).sin(), (x, w)
+
+    def bwd(res, ct):
+        calls["bwd"] += 1
+        x, w = res
+        c = (x * w).cos() * ct
+        return c * w, c * x
+    g.defvjp(fwd, bwd)
+    ref = lambda x, w: (x * w).sin()  # noqa: E731
+    X, W = torch.randn(2, 3, 4, dtype=D), torch.randn(4, dtype=D)
+
+    def nested(api, fn):
+        inner = api.vmap(api.grad(lambda x, w: fn(x, w).sum(), argnums=(0, 1)), in_dims=(0, None))
+        return api.vmap(inner, in_dims=(0, None))
+    for a, b in zip(nested(ft, g)(X, W), nested(tf, ref)(X, W)):
+        close(a, b)
+    close(ft.grad(lambda w: ft.vmap(ft.vmap(g, in_dims=(0, None)), in_dims=(0, None))(X, w).sum())(W),
+          tf.grad(lambda w: ref(X, w).sum())(W))
+    close(ft.jacrev(ft.vmap(g, in_dims=(0, None)), argnums=1)(X[0], W),
+          tf.jacrev(tf.vmap(ref, in_dims=(0, None)), argnums=1)(X[0], W))
+    close(ft.hessian(lambda w: ft.vmap(g, in_dims=(0, None))(X[0], w).sum())(W),
+          tf.hessian(lambda w: ref(X[0], w).sum())(W))
+    assert calls == {"fwd": 4, "bwd": 4}  # each rule once per transform call, batched
