@@ -521,6 +521,34 @@ def test_scan_checkpoint_recomputes_the_body_in_backward():
     close(ckpt, plain)
 
 
+def test_scan_reverse_mode_memory_is_linear_in_length_and_checkpoint_keeps_only_inputs():
+    W = torch.randn(16, 16, dtype=D) / 4
+
+    def body(c, x):
+        for _ in range(3):
+            c = (c @ W + x).tanh()
+        return c, None
+
+    def saved_bytes(n, checkpoint):
+        # What autograd keeps from the forward pass for the backward pass.
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+        xs = torch.randn(n, 4, 16, dtype=D)
+        f = lambda c0: ft.scan(body, c0, xs, checkpoint=checkpoint)[0].sum()  # noqa: E731
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, vjp_fn = ft.vjp(f, torch.randn(4, 16, dtype=D))
+        vjp_fn(torch.ones((), dtype=D))
+        return saved[0]
+    plain = [saved_bytes(n, False) for n in (5, 10, 20)]
+    assert plain[1] == 2 * plain[0] and plain[2] == 4 * plain[0] > 0
+    # Checkpointed steps keep only their inputs (carry and x, held by the node), no
+    # intermediates of the body.
+    assert saved_bytes(20, True) == 0
+
+
 def test_scan_checkpoint_second_order_and_vmap():
     x = torch.linspace(0.1, 1.0, 4, dtype=D)
     X = torch.stack([x, x.flip(0), x * 2])
