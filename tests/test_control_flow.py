@@ -1,6 +1,8 @@
 """cond, while_loop, fori_loop and scan under every transform and two-level compositions,
 against the same computation written with Python control flow (an unrolled loop, an
 ``if``) and differentiated by torch.func, or looped over examples; float64 throughout."""
+import warnings
+
 import pytest
 import torch
 import torch.func as tf
@@ -572,16 +574,28 @@ def loss_ref(x):
     return torch.stack(ys).sum()
 
 
-def test_scan_checkpoint_refuses_closures_over_differentiated_values():
+def test_scan_checkpoint_with_closures_over_transformed_values_runs_plain_with_a_warning():
     x = torch.linspace(0.1, 1.0, 4, dtype=D)
 
     def f(w):
         return ft.scan(lambda c, xi: (c * w + xi, c), torch.tensor(0.0, dtype=D), x,
                        checkpoint=True)[0]
-    with pytest.raises(TypeError, match="closed-over value"):
-        ft.grad(f)(torch.tensor(0.5, dtype=D))
+
+    def f_ref(w):
+        c = torch.tensor(0.0, dtype=D)
+        for xi in x:
+            c = c * w + xi
+        return c
+    w = torch.tensor(0.5, dtype=D)
+    with pytest.warns(UserWarning, match="reads a tensor being transformed .* through a closure"):
+        close(ft.grad(f)(w), tf.grad(f_ref)(w))
+    W = torch.tensor([0.5, -1.0, 2.0], dtype=D)
+    with pytest.warns(UserWarning, match="runs without checkpointing"):
+        close(ft.vmap(ft.grad(f))(W), torch.stack([tf.grad(f_ref)(w) for w in W]))
+    with pytest.warns(UserWarning, match="runs without checkpointing"):
+        close(ft.grad(lambda W: ft.vmap(f)(W).sum())(W), torch.stack([tf.grad(f_ref)(w) for w in W]))
     assert level_stack() == []
-    # Passed through the carry, it works.
+    # Passed through the carry, it is checkpointed.
 
     def g(w):
         return ft.scan(lambda c, xi: ((c[0] * c[1] + xi, c[1]), c[0]),
@@ -592,7 +606,9 @@ def test_scan_checkpoint_refuses_closures_over_differentiated_values():
         for xi in x:
             c = c * w + xi
         return c
-    close(ft.grad(g)(torch.tensor(0.5, dtype=D)), tf.grad(g_ref)(torch.tensor(0.5, dtype=D)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        close(ft.grad(g)(torch.tensor(0.5, dtype=D)), tf.grad(g_ref)(torch.tensor(0.5, dtype=D)))
 
 
 # ---------------------------------------------------------------------------------------

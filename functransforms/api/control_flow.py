@@ -15,10 +15,18 @@ An unbatched predicate is read as a Python bool (through every wrapper: it is th
 Under ``ft.capture`` that read is a data-dependent value, so such calls run eagerly there;
 ``scan``, ``fori_loop`` with static bounds and ``cond`` with a batched predicate record.
 """
+import warnings
+
 import torch
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from .custom_derivatives import checkpoint_rules, live_levels, strip_wrappers
+from .custom_derivatives import (
+    BatchedClosureError,
+    ClosureError,
+    checkpoint_rules,
+    live_levels,
+    strip_wrappers,
+)
 
 __all__ = ["cond", "while_loop", "fori_loop", "scan"]
 
@@ -239,6 +247,14 @@ def fori_loop(lower, upper, body_fun, init_val):
     return while_loop(lambda state: state[0] < upper, body, (start, init_val))[1]
 
 
+_CLOSURE_WARNING = (
+    "scan(checkpoint=True): the body {name} reads a tensor being transformed (differentiated, "
+    "or batched by a vmap inside the scan's transforms) through a closure, which a "
+    "checkpointed step cannot see; the scan runs without checkpointing. Pass that tensor in "
+    "the carry (or xs) to checkpoint the body."
+)
+
+
 def scan(f, init, xs=None, length=None, reverse=False, unroll=1, *, checkpoint=False):
     """Loop ``carry, y = f(carry, x)`` over the leading axis of ``xs``, as ``jax.lax.scan``.
 
@@ -251,9 +267,9 @@ def scan(f, init, xs=None, length=None, reverse=False, unroll=1, *, checkpoint=F
     keeps every step's intermediates until the backward pass, so it grows linearly with
     ``length`` times the body's intermediates. ``checkpoint=True`` keeps only each step's
     inputs (carry and x) and recomputes the body during the backward pass (about one
-    extra forward per step). With ``checkpoint=True`` a body that reads a tensor being
-    differentiated must receive it through ``carry`` or ``xs``, not a closure (an error
-    says so), as with ``custom_vjp``.
+    extra forward per step). A checkpointed body must receive the tensors being
+    differentiated through ``carry`` or ``xs``: a body that reads one through a closure runs
+    without checkpointing, with a warning.
     """
     if not callable(f):
         raise TypeError("scan: f argument should be callable.")
@@ -283,12 +299,22 @@ def scan(f, init, xs=None, length=None, reverse=False, unroll=1, *, checkpoint=F
         length = lengths.pop()
     else:
         raise ValueError("scan got no values to scan over and `length` not provided.")
-    body = checkpoint_rules(f, getattr(f, "__name__", "scan_body")) if checkpoint else f
+    name = getattr(f, "__name__", "scan_body")
+    body = [checkpoint_rules(f, name) if checkpoint else f]
     slices = [None if x is None else x.unbind(0) for x in xs_leaves]
 
     def step(carry, i):
         x = tree_unflatten([None if s is None else s[i] for s in slices], xs_spec)
-        result = body(carry, x)
+        try:
+            result = body[0](carry, x)
+        except (ClosureError, BatchedClosureError):
+            if body[0] is f:
+                raise
+            # The checkpointed step could not see a tensor the body reads through a
+            # closure: the rest of the scan runs plain, which is right, only not lighter.
+            warnings.warn(_CLOSURE_WARNING.format(name=name), stacklevel=3)
+            body[0] = f
+            result = f(carry, x)
         if not (isinstance(result, (tuple, list)) and len(result) == 2):
             raise TypeError(
                 f"scan: f must return a pair (carry, y), got {type(result).__name__}."

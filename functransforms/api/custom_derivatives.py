@@ -36,7 +36,8 @@ from ..core.wrapper import LevelTensor
 from ..reverse.interpreter import GradTensor
 from .reverse import vjp
 
-__all__ = ["custom_vjp", "custom_jvp", "live_levels", "strip_wrappers", "checkpoint_rules"]
+__all__ = ["custom_vjp", "custom_jvp", "live_levels", "strip_wrappers", "checkpoint_rules",
+           "ClosureError", "BatchedClosureError"]
 
 _Function = torch.autograd.Function
 
@@ -122,6 +123,14 @@ def _batched_closure_message(kind, name):
     )
 
 
+class ClosureError(TypeError):
+    """A custom rule met a closed-over tensor it cannot see (JAX raises a TypeError too)."""
+
+
+class BatchedClosureError(RuntimeError):
+    pass
+
+
 def _check_no_deeper(leaves, depth, kind, name):
     """Values one level down from a handler at ``depth`` must carry no wrapper of that level
     or a deeper one: such a wrapper can only come from a closure (see the module NOTE)."""
@@ -129,8 +138,8 @@ def _check_no_deeper(leaves, depth, kind, name):
         for lvl in live_levels(x):
             if lvl.depth >= depth:
                 if lvl.kind == "vmap":
-                    raise RuntimeError(_batched_closure_message(kind, name))
-                raise TypeError(_closure_message(kind, name))
+                    raise BatchedClosureError(_batched_closure_message(kind, name))
+                raise ClosureError(_closure_message(kind, name))
 
 
 def _check_nondiff(nondiff, kind, name):
@@ -652,7 +661,7 @@ class _CustomFunction:
             out_leaves, _ = tree_flatten(out)
             for x in out_leaves:
                 if any(lvl.kind in _DERIVATIVE_KINDS for lvl in live_levels(x)):
-                    raise TypeError(_closure_message(self.kind, self.__name__))
+                    raise ClosureError(_closure_message(self.kind, self.__name__))
             return out
         out = _call(rules, leaves)
         return tree_unflatten(out, rules.out_spec)
