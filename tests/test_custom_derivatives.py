@@ -465,3 +465,24 @@ def test_custom_vjp_with_a_true_rule_under_nested_vmaps_against_torch_func():
     close(ft.hessian(lambda w: ft.vmap(g, in_dims=(0, None))(X[0], w).sum())(W),
           tf.hessian(lambda w: ref(X[0], w).sum())(W))
     assert calls == {"fwd": 4, "bwd": 4}  # each rule once per transform call, batched
+
+
+def test_custom_jvp_defjvps_sums_per_argument_rules():
+    @ft.custom_jvp
+    def f(x, y):
+        return x.sin() * y
+
+    f.defjvps(lambda tx, out, x, y: x.cos() * y * tx, lambda ty, out, x, y: x.sin() * ty)
+    x, y, t = xy()
+    ref = lambda x, y: x.sin() * y  # noqa: E731
+    close(ft.jvp(f, (x, y), (t, t))[1], tf.jvp(ref, (x, y), (t, t))[1])
+    for a, b in zip(ft.grad(lambda x, y: f(x, y).sum(), argnums=(0, 1))(x, y),
+                    tf.grad(lambda x, y: ref(x, y).sum(), argnums=(0, 1))(x, y)):
+        close(a, b)
+
+    @ft.custom_jvp
+    def g(x, y):
+        return x * y
+    g.defjvps(None, lambda ty, out, x, y: x * ty)  # no tangent through x
+    close(ft.grad(lambda x: g(x, y).sum())(x), torch.zeros_like(x))
+    close(ft.grad(lambda y: g(x, y).sum())(y), x)

@@ -29,7 +29,7 @@ import functools
 import inspect
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..batching.interpreter import BatchedTensor, VmapInterpreter
 from ..core.wrapper import LevelTensor
@@ -739,6 +739,26 @@ class custom_jvp(_CustomFunction):
             raise NotImplementedError("custom_jvp.defjvp: symbolic_zeros=True is not supported.")
         self.jvp_rule = jvp
         return jvp
+
+    def defjvps(self, *jvps):
+        """One rule per differentiable argument, ``jvp_i(t_i, primal_out, *primals)`` (or
+        None for an argument with no tangent contribution), summed, as JAX's ``defjvps``."""
+        if self.nondiff_argnums:
+            raise TypeError("Can't use ``defjvps`` with ``nondiff_argnums``.")
+
+        def rule(primals, tangents):
+            out = self.fun(*primals)
+            total = None
+            for jvp, t in zip(jvps, tangents):
+                if jvp is None or t is None:
+                    continue
+                contribution = jvp(t, out, *primals)
+                total = contribution if total is None else tree_map(torch.add, total,
+                                                                     contribution)
+            if total is None:
+                total = tree_map(torch.zeros_like, out)
+            return out, total
+        self.defjvp(rule)
 
     def _check_rules(self):
         if self.jvp_rule is None:
