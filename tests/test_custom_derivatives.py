@@ -486,3 +486,17 @@ def test_custom_jvp_defjvps_sums_per_argument_rules():
     g.defjvps(None, lambda ty, out, x, y: x * ty)  # no tangent through x
     close(ft.grad(lambda x: g(x, y).sum())(x), torch.zeros_like(x))
     close(ft.grad(lambda y: g(x, y).sum())(y), x)
+
+
+def test_custom_jvp_inside_capture_replays_forward_and_second_order():
+    @ft.custom_jvp
+    def softplus(x):
+        return torch.where(x > 30, x, torch.log1p(torch.exp(x.clamp(max=30))))
+    softplus.defjvp(lambda p, t: (softplus(p[0]), torch.sigmoid(p[0]) * t[0]))
+    X = torch.randn(5, 3, dtype=D)
+    jac = ft.capture(ft.vmap(ft.jacfwd(softplus)))
+    hess = ft.capture(ft.vmap(ft.hessian(lambda x: softplus(x).sum())))
+    for scale in (1.0, 2.0, 100.0):
+        s = torch.sigmoid(X * scale)
+        close(jac(X * scale), torch.diag_embed(s))
+        close(hess(X * scale), torch.diag_embed(s * (1 - s)))
