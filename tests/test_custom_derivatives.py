@@ -13,6 +13,11 @@ from functransforms.core.levels import level_stack
 D = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
 def close(a, b):
     torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
