@@ -25,6 +25,16 @@ from .api.debug import debug_unwrap
 from .api.capture import capture
 from .api.control_flow import cond, fori_loop, scan, while_loop
 from .api.custom_derivatives import custom_jvp, custom_vjp
+from .api.collectives import (
+    all_gather,
+    axis_index,
+    axis_size,
+    pmax,
+    pmean,
+    pmin,
+    process_axis,
+    psum,
+)
 
 __all__ = [
     "cond",
@@ -36,6 +46,14 @@ __all__ = [
     "functionalize",
     "debug_unwrap",
     "capture",
+    "psum",
+    "pmean",
+    "pmax",
+    "pmin",
+    "all_gather",
+    "axis_index",
+    "axis_size",
+    "process_axis",
     "grad",
     "grad_and_value",
     "vjp",

@@ -505,3 +505,15 @@ def test_custom_jvp_inside_capture_replays_forward_and_second_order():
         s = torch.sigmoid(X * scale)
         close(jac(X * scale), torch.diag_embed(s))
         close(hess(X * scale), torch.diag_embed(s * (1 - s)))
+
+
+def test_batched_rules_see_the_vmap_axis_name():
+    @ft.custom_vjp
+    def f(x):
+        return x.sin()
+    # A bwd that centres the cotangent over the named batch.
+    f.defvjp(lambda x: (x.sin(), x), lambda x, g: (g * x.cos() - ft.pmean(g * x.cos(), "b"),))
+    X = torch.randn(4, 3, dtype=D)
+    expected = X.cos() - X.cos().mean(0)
+    close(ft.vmap(ft.grad(lambda x: f(x).sum()), axis_name="b")(X), expected)
+    close(ft.grad(lambda X: ft.vmap(lambda x: f(x).sum(), axis_name="b")(X).sum())(X), expected)

@@ -21,6 +21,7 @@ EXPECTED = [
     "06_maml",
     "07_dp_sgd",
     "08_control_flow_and_custom_derivatives",
+    "09_named_axes",
 ]
 CELL_TIMEOUT_S = 120
 

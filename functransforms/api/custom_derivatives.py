@@ -360,11 +360,13 @@ class _Batched:
         self.in_dims = in_dims
         self.batch_size = level.batch_size
         self.randomness = level.randomness
+        # The rules see the vmap's axis name too (a psum inside bwd reduces over the batch).
+        self.axis_name = level.axis.name if getattr(level, "axis", None) is not None else None
         self.out_dims = None
         self.res_dims = None
 
     def _level(self):
-        return VmapInterpreter(self.batch_size, self.randomness)
+        return VmapInterpreter(self.batch_size, self.randomness, axis_name=self.axis_name)
 
     def fun(self, leaves):
         with self._level() as vl:
