@@ -25,6 +25,7 @@ from ..core.wrapper import (
     mutated_arg_positions,
     returned_arg_positions,
     needs_lowering,
+    rebind_instead_of_writing,
 )
 from .fallback import note_fallback, op_name
 from ..core.mode import transform_mode_active
@@ -89,6 +90,18 @@ class VmapInterpreter(Interpreter):
 
     def lift(self, value):
         return BatchedTensor(value, self)
+
+    def rebind(self, wrapper, result):
+        # NOTE [Writes a wrapper's value cannot hold] in core/wrapper.py.
+        if isinstance(result, LevelTensor) and result._level is self:
+            value = result._value
+        else:
+            with lowering(None):
+                value = result.unsqueeze(0).expand(self.batch_size, *result.shape).clone()
+        wrapper._value = value
+        if wrapper.stride() != value.stride()[1:]:
+            with no_dispatch():
+                wrapper.as_strided_(value.shape[1:], value.stride()[1:])
 
     def __enter__(self):
         self._binding = None
@@ -245,6 +258,10 @@ def _rule_handler(rule, func):
     aliasing = aliasing_op(func)
 
     def handle(interp, func, args, kwargs):
+        if returned:
+            rebound = rebind_instead_of_writing(interp, func, args, kwargs)
+            if rebound is not None:
+                return rebound
         values, bdims, tracked = interp.unwrap_args(args)
         for i in returned:
             if i is not None and bdims[i] is None:
@@ -286,6 +303,9 @@ def _inplace_via_functional(functional):
         self_arg = args[0]
         if not (isinstance(self_arg, LevelTensor) and self_arg._level is interp):
             raise RuntimeError(inplace_into_unbatched_message(func))
+        rebound = rebind_instead_of_writing(interp, func, args, kwargs)
+        if rebound is not None:
+            return rebound
         result = functional(*args, **kwargs)
         if torch.Tag.inplace_view in func.tags:
             # squeeze_, t_, ... change the tensor's shape, not its data: point the wrapper at

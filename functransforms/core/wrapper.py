@@ -20,6 +20,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .levels import lowering
+from .ops import functional_twin, twin_call
 
 
 class LevelTensor(torch.Tensor):
@@ -264,3 +265,61 @@ def returned_arg_positions(func):
             for r in func._schema.returns
         )
     return returned
+
+
+def rebind_instead_of_writing(level, func, args, kwargs):
+    """NOTE [Writes a wrapper's value cannot hold]
+    An in-place op at ``level`` writes into ``args[i]``, one of this level's wrappers, by
+    writing into its value one level down. A derivative formula may build a temporary from
+    constants only (layer norm's double backward: ``t = N * ct``) and then write into it a
+    value that a lower level carries (``t.sub_(y)``, ``y`` holding an outer jvp's tangent or
+    an outer vmap's batch dim). The temporary's value has no wrapper of that lower level, so
+    the level below would refuse the write (torch.func wraps every tensor at every level and
+    never meets this). The level owning the wrapper can serve it instead: compute the op out
+    of place and point the wrapper at the result. That is only right when nothing else sees
+    the old value, so the value must own its storage outright (not a view, no views of it).
+
+    Returns the rebound wrapper, or None when the write should go ahead as usual.
+    """
+    returned = returned_arg_positions(func)
+    if len(returned) != 1 or returned[0] is None:
+        return None
+    i = returned[0]
+    target = args[i]
+    if not (isinstance(target, LevelTensor) and target._level is level):
+        return None
+    have = []
+    base = target._value
+    while isinstance(base, LevelTensor):
+        have.append(base._level)
+        base = base._value
+    if not _writes_unheld_level(have, level, args, kwargs, i):
+        return None
+    if type(base) is not torch.Tensor or base._base is not None or base.layout is not torch.strided:
+        return None
+    # One reference is the temporary storage object asked for here, one the value itself.
+    if torch._C._storage_Use_Count(base.untyped_storage()._cdata) > 2:
+        return None
+    twin = functional_twin(func)
+    if twin is None:
+        return None
+    result = twin_call(func, twin)(*args, **kwargs)
+    if result.dtype != target.dtype:
+        result = result.to(target.dtype)
+    level.rebind(target, result)
+    return target
+
+
+def _writes_unheld_level(have, level, args, kwargs, target_position):
+    for j, a in enumerate((*args, *kwargs.values())):
+        if j == target_position:
+            continue
+        for b in (a if type(a) in (list, tuple) else (a,)):
+            if not isinstance(b, LevelTensor):
+                continue
+            t = b._value if b._level is level else b
+            while isinstance(t, LevelTensor):
+                if not any(t._level is h for h in have):
+                    return True
+                t = t._value
+    return False

@@ -23,7 +23,12 @@ from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
 from ..core.ops import decomposition, decomposition_for_jvp, functional_twin, twin_call
-from ..core.wrapper import LevelTensor, mutated_arg_positions, tracked_below
+from ..core.wrapper import (
+    LevelTensor,
+    mutated_arg_positions,
+    rebind_instead_of_writing,
+    tracked_below,
+)
 from .fallback import general_jvp, op_name
 from .registry import JVP_RULES
 
@@ -58,6 +63,15 @@ class JvpInterpreter(Interpreter):
         dual = DualTensor(tensor, tangent, self)
         dual._adopted = (tangent, tangent._version)
         return dual
+
+    def rebind(self, dual, result):
+        # NOTE [Writes a wrapper's value cannot hold] in core/wrapper.py.
+        if isinstance(result, LevelTensor) and result._level is self:
+            dual._value, dual._tangent = result._value, result._tangent
+        else:
+            dual._value = result
+            with lowering(None):
+                dual._tangent = torch.zeros_like(result)
 
     def process(self, func, args, kwargs):
         handler = _HANDLERS.get(id(func))
@@ -141,6 +155,9 @@ def _inplace_via_functional(functional):
             with lowering(None):
                 return func(*(_primal(a, interp) for a in args),
                             **{k: _primal(v, interp) for k, v in kwargs.items()})
+        rebound = rebind_instead_of_writing(interp, func, args, kwargs)
+        if rebound is not None:
+            return rebound
         result = functional(*args, **kwargs)
         if isinstance(result, LevelTensor) and result._level is interp:
             value, tangent = result._value, result._tangent

@@ -36,6 +36,7 @@ from ..core.wrapper import (
     needs_lowering,
     wrap_output,
     call_below,
+    rebind_instead_of_writing,
 )
 
 aten = torch.ops.aten
@@ -83,6 +84,11 @@ class GradInterpreter(Interpreter):
     def adopt(self, tensor):
         return GradTensor(tensor, self)
 
+    def rebind(self, wrapper, result):
+        # NOTE [Writes a wrapper's value cannot hold] in core/wrapper.py.
+        wrapper._value = result._value if isinstance(result, LevelTensor) and result._level is self else result
+        _sync_metadata(wrapper)
+
     def process(self, func, args, kwargs):
         if id(func) in _REWRAP_OPS and not torch._C._dispatch_tls_is_dispatch_key_excluded(
             DispatchKey.AutogradFunctionality
@@ -90,6 +96,9 @@ class GradInterpreter(Interpreter):
             return GradTensor(args[0]._value, self)
         mutated = mutated_arg_positions(func)
         if mutated:
+            rebound = rebind_instead_of_writing(self, func, args, kwargs)
+            if rebound is not None:
+                return rebound
             returned = returned_arg_positions(func)
             for i in returned:
                 if i is not None and not (isinstance(args[i], LevelTensor) and args[i]._level is self):
