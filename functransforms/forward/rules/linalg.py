@@ -81,3 +81,42 @@ def linalg_slogdet(func, primals, tangents, kwargs):
         t_sign = None
         t_logabsdet = tr
     return out, (fit_tangent(t_sign, sign), fit_tangent(t_logabsdet, logabsdet), None, None)
+
+
+@jvp_rule(aten.linalg_householder_product.default)
+def householder_product(func, primals, tangents, kwargs):
+    V_in, tau = primals[:2]
+    dV_in, dtau = tangents[:2]
+    out = func(*primals, **kwargs)
+    m, n = V_in.shape[-2:]
+    k = tau.shape[-1]
+    # Q = (H_1 ... H_k)[:, :n] with H_i = I - tau_i v_i v_i^H; the op reads only the strictly
+    # lower triangle of V and takes v_i's i-th entry as 1. The product rule, term by term:
+    # dQ = sum_i H_1..H_{i-1} dH_i H_{i+1}..H_k[:, :n]. torch's own formula reads the
+    # output, which levels below would differentiate as if it did not depend on V and tau.
+    eye = torch.eye(m, dtype=V_in.dtype, device=V_in.device)
+    V = V_in.tril(-1) + eye[:, :n]
+    dV = None if dV_in is None else dV_in.tril(-1)
+    vs = [V[..., :, i:i + 1] for i in range(k)]
+    taus = [tau[..., i, None, None] for i in range(k)]
+    H = [eye - t * (v @ v.mH) for v, t in zip(vs, taus)]
+    suffix = [None] * k
+    acc = eye[:, :n]
+    for i in reversed(range(k)):
+        suffix[i] = acc
+        acc = H[i] @ acc
+    prefix = None
+    dQ = None
+    for i in range(k):
+        v, t = vs[i], taus[i]
+        dH = None
+        if dtau is not None:
+            dH = -dtau[..., i, None, None] * (v @ v.mH)
+        if dV is not None:
+            dv = dV[..., :, i:i + 1]
+            term = t * (dv @ v.mH + v @ dv.mH)
+            dH = -term if dH is None else dH - term
+        term = dH @ suffix[i] if prefix is None else prefix @ (dH @ suffix[i])
+        dQ = term if dQ is None else dQ + term
+        prefix = H[i] if prefix is None else prefix @ H[i]
+    return out, fit_tangent(dQ, out)
