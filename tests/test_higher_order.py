@@ -295,3 +295,132 @@ def test_reverse_over_forward_inplace_under_no_grad(xva):
         return n * a
 
     both(lambda T: T.grad(lambda a: T.jvp(f, (a,), (v,))[1].sin().sum())(x))
+
+
+# -- third order through solve/det and reverse-over-forward of linear algebra (issue 13) --------
+# torch.func is wrong on several of these (its forward formulas read outputs that are not
+# differentiable, or the output itself): the references are central differences of ft's own
+# lower-order result (checked against torch.func there), or torch.func in reverse mode only.
+
+FD_EPS = 1e-6
+
+
+def directional_fd(g, x, e):
+    return (g(x + FD_EPS * e) - g(x - FD_EPS * e)) / (2 * FD_EPS)
+
+
+def fd_close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7 * max(1.0, b.abs().max().item()))
+
+
+def _well_conditioned(x, A):
+    return A + torch.diag(x.sin()) + 0.3 * torch.tanh(torch.outer(x, x))
+
+
+LINALG = {
+    "solve": lambda A: lambda x: torch.linalg.solve(_well_conditioned(x, A), x.cos()),
+    "solve_left_false": lambda A: lambda x: torch.linalg.solve(
+        _well_conditioned(x, A), torch.outer(x.cos(), x[:2]).T, left=False),
+    "det": lambda A: lambda x: torch.linalg.det(_well_conditioned(x, A)).reshape(1),
+    "slogdet": lambda A: lambda x: torch.linalg.slogdet(_well_conditioned(x, A))[1].reshape(1),
+    "householder_product": lambda A: lambda x: torch.linalg.householder_product(
+        A[:, :3] + x[:, None], x[:3].sin()),
+}
+
+
+@pytest.mark.parametrize("name", list(LINALG))
+def test_first_order_linalg_rules(xva, name):
+    x, v, A = xva
+    f = LINALG[name](A)
+    both(lambda T: T.jvp(f, (x,), (v,)))
+    both(lambda T: T.vmap(lambda t: T.jvp(f, (x,), (t,))[1])(torch.stack([v, v.cos()])))
+
+
+@pytest.mark.parametrize("name", list(LINALG))
+def test_reverse_over_forward_linalg_matches_finite_differences(xva, name):
+    # grad(jvp(solve)) and grad(jvp(householder_product)): torch.func is wrong here.
+    x, v, A = xva
+    f = LINALG[name](A)
+    e = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    h = lambda T, y: T.jvp(f, (y,), (v,))[1].sin().sum()  # noqa: E731
+    close(h(ft, x), h(tf, x))
+    g = ft.grad(lambda y: h(ft, y))(x)
+    fd_close((g * e).sum(), directional_fd(lambda y: h(ft, y), x, e))
+
+
+@pytest.mark.parametrize("name", ["solve", "det", "slogdet", "householder_product"])
+@pytest.mark.parametrize("outer", ["jvp", "grad"])
+def test_third_order_two_forward_levels_linalg(xva, name, outer):
+    # Two jvp levels and one more: the second jvp level used to reach the general fallback,
+    # whose nested double-vjp crashed ("derivative for aten::copy is not implemented") or
+    # was wrong. torch.func is wrong already at second order (its formulas read the LU
+    # factors or the output): each order is checked by central differences of the one below,
+    # the first against torch.func.
+    x, v, A = xva
+    f = LINALG[name](A)
+    u = torch.linspace(-1, 1, 6, dtype=torch.float64).cos()
+    first = lambda T, y: T.jvp(f, (y,), (v,))[1]  # noqa: E731
+    second = lambda T, y: T.jvp(lambda z: first(T, z), (y,), (u,))[1]  # noqa: E731
+    close(first(ft, x), first(tf, x))
+    fd_close(second(ft, x), directional_fd(lambda y: first(ft, y), x, u))
+    e = torch.linspace(-0.5, 1, 6, dtype=torch.float64)
+    if outer == "jvp":
+        third = ft.jvp(lambda y: second(ft, y), (x,), (e,))[1]
+        fd_close(third, directional_fd(lambda y: second(ft, y), x, e))
+    else:
+        w = torch.linspace(1, 2, second(ft, x).numel(), dtype=torch.float64)
+        s = lambda y: (second(ft, y).reshape(-1) * w).sum()  # noqa: E731
+        fd_close((ft.grad(s)(x) * e).sum(), directional_fd(s, x, e))
+
+
+def test_det_jvp_at_singular_matrix_is_zero_like_torch():
+    A = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64)
+    E = torch.eye(2, dtype=torch.float64)
+    both(lambda T: T.jvp(torch.linalg.det, (A,), (E,)))
+    out = ft.grad(lambda a: ft.jvp(torch.linalg.det, (a,), (E,))[1])(A)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_third_order_layer_norm_two_reverse_levels(affine):
+    # layer norm's double backward builds temporaries from the cotangents alone and then
+    # writes tangent- or batch-carrying values into them in place (NOTE [Writes a wrapper's
+    # value cannot hold]); torch.func is wrong at third order here, so the reference is
+    # central differences of ft's second order (which matches torch.func).
+    g = torch.Generator().manual_seed(3)
+    x, t, w1, w2, wt, b = torch.randn(6, 3, dtype=torch.float64, generator=g).unbind(0)
+    f = lambda y: (F.layer_norm(y, (3,), *((wt, b) if affine else ())) * w1).sum().reshape(1)  # noqa: E731
+
+    def second(T):
+        def f1(y):
+            out, pb = T.vjp(f, y)
+            return pb(torch.ones_like(out))[0]
+
+        def f2(y):
+            out, pb = T.vjp(f1, y)
+            return pb(w2)[0]
+
+        return f2
+
+    close(second(ft)(x), second(tf)(x))
+    fd = directional_fd(second(ft), x, t)
+    fd_close(ft.jvp(second(ft), (x,), (t,))[1], fd)
+    # vmap outermost over reverse-over-reverse: the write lands in a temporary that is not
+    # batched at the outer vmap.
+    xs = torch.stack([x, x.cos()])
+    both(lambda T: T.vmap(T.jacrev(T.jacrev(lambda y: F.layer_norm(y, (3,), *((wt, b) if affine else ())))))(xs))
+    assert not level_stack()
+
+
+def test_rebound_write_keeps_aliases_out():
+    # An in-place write of a tangent into a temporary that has a view must not rebind the
+    # temporary (the view would go stale): it is refused as before.
+    x = torch.randn(3, dtype=torch.float64)
+
+    def f(y):
+        buf = torch.ones(3, dtype=torch.float64) * 2
+        view = buf[:2]
+        buf.mul_(y)
+        return view * 1.0
+
+    both(lambda T: T.jvp(f, (x,), (torch.ones(3, dtype=torch.float64),)))
