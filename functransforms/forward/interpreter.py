@@ -220,8 +220,8 @@ def _choose_handler(func):
 def captured_mutation_message(func):
     return (
         f"During a jvp transform, the function called the in-place operation "
-        f"aten::{op_name(func)} on a tensor that is not a dual of this jvp level (captured "
-        f"from outside the transform, or created inside it without depending on its "
-        f"inputs). Its tangent would be lost. Pass that tensor as an input of the function, "
+        f"aten::{op_name(func)} that would mutate a captured Tensor: one that is not a dual "
+        f"of this jvp level (captured from outside the transform, or created inside it "
+        f"without depending on its inputs). Its tangent would be lost. Pass that tensor as an input of the function, "
         f"or use the out-of-place version of the operation."
     )

@@ -155,7 +155,8 @@ def _unwrap(a, level):
 def _captured_mutation_message(func):
     return (
         f"During a grad transform (grad, vjp, jacrev, ...), the function called the in-place "
-        f"operation {func._schema.name}.{func._overloadname} on a tensor captured from outside "
-        f"the transform. Its gradient would be lost. Pass that tensor as an input of the "
-        f"transformed function, or use the out-of-place version of the operation."
+        f"operation {func._schema.name}.{func._overloadname} that would mutate a captured "
+        f"Tensor (one from outside the transform). Its gradient would be lost. Pass that "
+        f"tensor as an input of the transformed function, or use the out-of-place version of "
+        f"the operation."
     )
