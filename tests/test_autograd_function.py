@@ -329,7 +329,7 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as err:
             ft.grad(lambda x: Old.apply(x).sum())(X)
-        self.assertExpectedInline(str(err.exception), """Old: to use an autograd.Function inside functransforms transforms (vmap, grad, jvp, jacrev, ...), define forward(*args) without ctx and a setup_context(ctx, inputs, output) staticmethod, as torch.func requires.""")
+        self.assertExpectedInline(str(err.exception), """Old: to use an autograd.Function inside functransforms transforms (vmap, grad, jvp, jacrev, ...), it must override the setup_context staticmethod: define forward(*args) without ctx and a setup_context(ctx, inputs, output) staticmethod, as torch.func requires.""")
         # Outside transforms it still works as torch defines it.
         assert_close(Old.apply(X), X * 2)
 
@@ -349,7 +349,7 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as err:
             ft.vmap(NoVmap.apply)(X)
-        self.assertExpectedInline(str(err.exception), """vmap: NoVmap is an autograd.Function without vmap support. Define a vmap(info, in_dims, *args) staticmethod that returns (output, out_dims), or set generate_vmap_rule = True so that forward and backward are vmapped for you.""")
+        self.assertExpectedInline(str(err.exception), """vmap: NoVmap is an autograd.Function that does not have vmap support. Define a vmap(info, in_dims, *args) staticmethod that returns (output, out_dims), or set generate_vmap_rule = True so that forward and backward are vmapped for you.""")
         assert_close(ft.grad(lambda x: NoVmap.apply(x).sum())(X), torch.full_like(X, 2.0))
 
     def test_both_vmap_rules(self):
@@ -374,7 +374,7 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as err:
             ft.vmap(Both.apply)(X)
-        self.assertExpectedInline(str(err.exception), """vmap: Both sets generate_vmap_rule = True and also defines a vmap staticmethod. Use one or the other.""")
+        self.assertExpectedInline(str(err.exception), """vmap: Both sets both generate_vmap_rule=True and a vmap staticmethod. Use one or the other.""")
 
     def test_no_jvp(self):
         with self.assertRaises(RuntimeError) as err:
@@ -402,4 +402,4 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as err:
             ft.vmap(BadDims.apply)(X)
-        self.assertExpectedInline(str(err.exception), """vmap: BadDims.vmap returned 2 output(s) but out_dims (0,) does not give one out_dim (int or None) per output.""")
+        self.assertExpectedInline(str(err.exception), """vmap: the vmap staticmethod of BadDims returned an incompatible (output, out_dims) tuple: out_dims=(0,) must be an int, None, or a pytree with the structure of the output (one out_dim per output Tensor).""")
