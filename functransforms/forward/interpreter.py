@@ -46,6 +46,24 @@ class DualTensor(LevelTensor):
 class JvpInterpreter(Interpreter):
     kind = "jvp"
 
+    # NOTE [Forward grad enablement]: torch's switch for forward AD
+    # (``torch.autograd.forward_ad._set_fwd_grad_enabled``) is one flag shared by all levels,
+    # like grad mode. A jvp level turns it on for its own call, as torch.func does; while the
+    # user's function has it off, every jvp level treats ops as constants (their tangents
+    # are dropped), so the block contributes nothing to any jvp.
+    def __enter__(self):
+        self._prev_fwd_grad = torch._C._is_fwd_grad_enabled()
+        if not self._prev_fwd_grad:
+            torch._C._set_fwd_grad_enabled(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if not self._prev_fwd_grad:
+                torch._C._set_fwd_grad_enabled(False)
+
     def lift(self, primal, tangent):
         return DualTensor(primal, tangent, self)
 
@@ -55,6 +73,8 @@ class JvpInterpreter(Interpreter):
         return DualTensor(tensor, torch.zeros_like(tensor), self)
 
     def process(self, func, args, kwargs):
+        if not _fwd_grad_enabled():
+            return _without_tangents(self, func, args, kwargs)
         handler = _HANDLERS.get(id(func))
         if handler is None:
             handler = _choose_handler(func)
@@ -100,6 +120,22 @@ class JvpInterpreter(Interpreter):
                 for o, t in zip(out, out_tangent)
             )
         return out
+
+
+_fwd_grad_enabled = torch._C._is_fwd_grad_enabled
+
+
+def _without_tangents(interp, func, args, kwargs):
+    """``func`` on the primals, as a constant of this level (forward grad is off)."""
+    primals, _, _ = interp.split_args(args)
+    kwargs = {k: v._value if isinstance(v, LevelTensor) and v._level is interp else v
+              for k, v in kwargs.items()}
+    with lowering(None):
+        out = func(*primals, **kwargs)
+    positions = mutated_arg_positions(func)
+    if positions and isinstance(args[positions[0]], LevelTensor) and out is primals[positions[0]]:
+        return args[positions[0]]
+    return out
 
 
 def _has_dual_kwarg(level, kwargs):

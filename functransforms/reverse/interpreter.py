@@ -63,6 +63,26 @@ class GradInterpreter(Interpreter):
         self.prev_grad_mode = torch.is_grad_enabled()
         self.in_backward = False
 
+    # NOTE [Inference mode around a grad level]: inference mode turns autograd off more
+    # thoroughly than no_grad (enable_grad cannot undo it), and a grad level *is* autograd:
+    # under it the level would silently compute zero gradients. As in torch.func the level
+    # runs with inference mode off and restores it on the way out; an inference_mode block
+    # inside ``f`` still hides its ops from every level, like no_grad.
+    def __enter__(self):
+        self._inference_guard = None
+        if torch.is_inference_mode_enabled():
+            self._inference_guard = torch._C._InferenceMode(False)
+            self._inference_guard.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if self._inference_guard is not None:
+                self._inference_guard.__exit__(*exc)
+                self._inference_guard = None
+
     def lowered_grad_mode(self):
         # As in torch.func, grad mode is one switch shared by all levels: a no_grad inside f
         # also hides the op from the levels below, and a level entered under no_grad never
