@@ -194,10 +194,10 @@ class TestDebugging(expecttest.TestCase):
         ft.jvp(record, (torch.arange(2.0),), (torch.ones(2),))
         ft.functionalize(record)(torch.arange(2.0))
         self.assertExpectedInline("\n".join(seen), """\
-GradTensor(level=1, value=BatchedTensor(level=0, bdim=0, value=tensor([[0., 1.],
+GradTrackingTensor(lvl=2, value=BatchedTensor(lvl=1, bdim=0, value=tensor([[0., 1.],
         [2., 3.]])))
-DualTensor(level=0, primal=tensor([0., 1.]), tangent=tensor([1., 1.]))
-FunctionalTensor(level=0, value=tensor([0., 1.]))""")
+DualTensor(lvl=1, primal=tensor([0., 1.]), tangent=tensor([1., 1.]))
+FunctionalTensor(lvl=1, value=tensor([0., 1.]))""")
 
     def test_debug_unwrap(self):
         seen = []
@@ -210,7 +210,7 @@ FunctionalTensor(level=0, value=tensor([0., 1.]))""")
         ft.vmap(ft.grad(record))(x)
         one_level, plain = seen[0]
         self.assertExpectedInline(repr(one_level), """\
-BatchedTensor(level=0, bdim=0, value=tensor([[0., 1.],
+BatchedTensor(lvl=1, bdim=0, value=tensor([[0., 1.],
         [2., 3.]]))""")
         self.assertIs(type(plain), torch.Tensor)
         self.assertIs(plain, x)

@@ -47,7 +47,7 @@ class FunctionalTensor(LevelTensor):
         return self
 
     def __repr__(self, *, tensor_contents=None):
-        return f"FunctionalTensor(level={self._level.depth}, value={self._value!r})"
+        return f"FunctionalTensor(lvl={self._level.depth + 1}, value={self._value!r})"
 
 
 class FunctionalizeInterpreter(Interpreter):

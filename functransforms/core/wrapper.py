@@ -68,7 +68,12 @@ class LevelTensor(torch.Tensor):
         return level.process(func, args, kwargs if kwargs is not None else {})
 
     def __repr__(self, *, tensor_contents=None):
-        return f"{type(self).__name__}(level={self._level!r}, value={self._value!r})"
+        return f"{type(self).__name__}(lvl={self._level.depth + 1}, value={self._value!r})"
+
+    def tolist(self):
+        # torch refuses .tolist() on every subclass before dispatch; outside vmap (which
+        # overrides this) the values are the wrapper's own, as under torch.func.
+        return self._value.tolist()
 
     # Inside a transform the wrappers are the transform's own bookkeeping: torch autograd on
     # them is the grad levels' tape, so a user's .backward()/.grad would silently read or

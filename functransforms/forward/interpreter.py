@@ -38,7 +38,7 @@ class DualTensor(LevelTensor):
 
     def __repr__(self, *, tensor_contents=None):
         return (
-            f"DualTensor(level={self._level.depth}, primal={self._value!r}, "
+            f"DualTensor(lvl={self._level.depth + 1}, primal={self._value!r}, "
             f"tangent={self._tangent!r})"
         )
 

@@ -52,7 +52,8 @@ class GradTensor(LevelTensor):
         return LevelTensor._make(cls, value, level, value.shape, value.stride(), requires_grad)
 
     def __repr__(self, *, tensor_contents=None):
-        return f"GradTensor(level={self._level.depth}, value={self._value!r})"
+        # torch.func's format (levels counted from 1), so printed output reads the same.
+        return f"GradTrackingTensor(lvl={self._level.depth + 1}, value={self._value!r})"
 
 
 class GradInterpreter(Interpreter):
