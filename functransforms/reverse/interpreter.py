@@ -69,7 +69,16 @@ class GradInterpreter(Interpreter):
     # under it the level would silently compute zero gradients. As in torch.func the level
     # runs with inference mode off and restores it on the way out; an inference_mode block
     # inside ``f`` still hides its ops from every level, like no_grad.
+    # Saved tensor hooks (save_on_cpu, ...) would see this level's GradTensors, which must
+    # not leave the level: they are refused while a grad level is active, as in torch.func
+    # (jvp and vmap levels do not mind them).
     def __enter__(self):
+        self._prev_hooks_message = _hooks_disabled_message()
+        try:
+            _disable_hooks(_SAVED_TENSOR_HOOKS_MESSAGE)
+        except RuntimeError:
+            _restore_hooks(self._prev_hooks_message)
+            raise
         self._inference_guard = None
         if torch.is_inference_mode_enabled():
             self._inference_guard = torch._C._InferenceMode(False)
@@ -83,6 +92,7 @@ class GradInterpreter(Interpreter):
             if self._inference_guard is not None:
                 self._inference_guard.__exit__(*exc)
                 self._inference_guard = None
+            _restore_hooks(self._prev_hooks_message)
 
     def lowered_grad_mode(self):
         # As in torch.func, grad mode is one switch shared by all levels: a no_grad inside f
@@ -156,6 +166,23 @@ class GradInterpreter(Interpreter):
         if isinstance(out, torch.Tensor):
             return GradTensor(out, self)
         return wrap_output(out, lambda t: GradTensor(t, self))
+
+
+_SAVED_TENSOR_HOOKS_MESSAGE = (
+    "Grad transforms (grad, vjp, jacrev, hessian, ...) don't support saved tensor hooks "
+    "(torch.func transforms don't yet support saved tensor hooks either): the hooks would "
+    "see the transform's internal tensors. Use the hooks (e.g. save_on_cpu) outside the "
+    "transformed function and around no transform call, or drop them."
+)
+_hooks_disabled_message = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message
+_disable_hooks = torch._C._autograd._saved_tensors_hooks_disable
+
+
+def _restore_hooks(message):
+    if message is None:
+        torch._C._autograd._saved_tensors_hooks_enable()
+    else:
+        torch._C._autograd._saved_tensors_hooks_disable(message)
 
 
 def _sync_metadata(wrapper):
