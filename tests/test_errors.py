@@ -30,11 +30,11 @@ class TestErrors(expecttest.TestCase):
 
     def test_item_under_vmap(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: x.item())(X))
-        self.assertExpectedInline(msg, """vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python number (.item(), float(), int(), bool() or Python control flow such as `if x.sum() > 0:`). Every example has its own value, so there is no single number to return. Keep the computation in tensors: use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap.""")
+        self.assertExpectedInline(msg, """vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python number: it looks like you're calling .item() on a Tensor (or float(), int(), bool()) or attempting to use a Tensor in some data-dependent control flow (`if x.sum() > 0:`). Every example has its own value, so there is no single number to return. Keep the computation in tensors: use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap.""")
 
     def test_data_dependent_control_flow_under_vmap(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: x if x > 0 else -x)(X))
-        self.assertExpectedInline(msg, """vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python number (.item(), float(), int(), bool() or Python control flow such as `if x.sum() > 0:`). Every example has its own value, so there is no single number to return. Keep the computation in tensors: use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap.""")
+        self.assertExpectedInline(msg, """vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python number: it looks like you're calling .item() on a Tensor (or float(), int(), bool()) or attempting to use a Tensor in some data-dependent control flow (`if x.sum() > 0:`). Every example has its own value, so there is no single number to return. Keep the computation in tensors: use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap.""")
 
     def test_tolist_under_vmap(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: torch.tensor(x.tolist()))(X))
@@ -135,6 +135,47 @@ class TestErrors(expecttest.TestCase):
     def test_bad_argnums(self):
         msg = self.message(RuntimeError, lambda: ft.grad(torch.dot, argnums=2)(X, X))
         self.assertExpectedInline(msg, """grad_and_value: got argnum=2, but only 2 positional inputs were given. Each argnum must satisfy -2 <= argnum < 2.""")
+
+    def test_argnums_catalogue(self):
+        msgs = [self.message(RuntimeError, lambda a=a: ft.grad(torch.dot, argnums=a)(X, X))
+                for a in [(), 0.0, (0, "1"), (0, -2)]]
+        self.assertExpectedInline("\n".join(msgs), """\
+grad_and_value: argnums must be non-empty: pass an int or a tuple of at least one int.
+grad_and_value: argnums must be int or Tuple[int, ...] (an int or a non-empty tuple of ints), got 0.0.
+grad_and_value: each argnum must be int, got '1' of type str in argnums=(0, '1').
+grad_and_value: argnums elements must be unique, got argnums=(0, -2), which names the same argument twice.""")
+
+    def test_empty_output(self):
+        msg = self.message(RuntimeError, lambda: ft.vjp(lambda x: None, X))
+        self.assertExpectedInline(msg, """vjp(f, *primals): Expected f to be a function that has non-empty output (got an output with no Tensors). Return at least one Tensor.""")
+        msg = self.message(RuntimeError, lambda: ft.jvp(lambda x: (), (X,), (X,)))
+        self.assertExpectedInline(msg, """jvp(f, primals, tangents): Expected f to be a function that has non-empty output (got an output with no Tensors). Return at least one Tensor.""")
+
+    def test_non_tensor_aux(self):
+        msg = self.message(
+            RuntimeError, lambda: ft.grad(lambda x: (x.sum(), [x, 1]), has_aux=True)(X)
+        )
+        self.assertExpectedInline(msg, """grad_and_value(f)(*args): the aux output of f must be a pytree of Tensors. Expected tensors, got unsupported type <class 'int'>. Return Python values through a closure or a global instead.""")
+
+    def test_jvp_strict(self):
+        msg = self.message(RuntimeError, lambda: ft.jvp(torch.sin, (X,), (X,), strict=True))
+        self.assertExpectedInline(msg, """jvp(f, primals, tangents, strict=True): strict mode is not yet implemented (as in torch.func). Call jvp without strict.""")
+
+    def test_requires_grad_inside_transform(self):
+        msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: x.requires_grad_())(X))
+        self.assertExpectedInline(msg, """Tensor.requires_grad_() was called (perhaps by torch.autograd.functional.* APIs) on a tensor inside a functransforms transform (grad, vjp, vmap, jvp, ...). Inside a transform, use the transforms themselves (ft.grad, ft.vjp, ft.jacrev, ft.jacfwd, ft.hessian) instead, or call requires_grad_() outside the transformed function.""")
+
+    def test_retain_grad_inside_transform(self):
+        msg = self.message(RuntimeError, lambda: ft.grad(lambda x: (x.retain_grad(), x.sum())[1])(X))
+        self.assertExpectedInline(msg, """Tensor.retain_grad() was used on a tensor inside a functransforms transform (grad, vjp, vmap, jvp, ...). Inside a transform, gradients are return values: use ft.grad or ft.vjp on the function instead, or call Tensor.retain_grad() outside the transform.""")
+
+    def test_saved_tensor_hooks_under_grad(self):
+        def f(x):
+            with torch.autograd.graph.save_on_cpu():
+                return x.sin().sum()
+
+        msg = self.message(RuntimeError, lambda: ft.grad(f)(X))
+        self.assertExpectedInline(msg, """Grad transforms (grad, vjp, jacrev, hessian, ...) don't support saved tensor hooks (torch.func transforms don't yet support saved tensor hooks either): the hooks would see the transform's internal tensors. Use the hooks (e.g. save_on_cpu) outside the transformed function and around no transform call, or drop them.""")
 
     def test_captured_inplace_under_grad(self):
         captured = torch.zeros(3)

@@ -131,7 +131,7 @@ def split_aux(result, has_aux, call):
 
 def check_outputs(flat_out, call, what="f(*primals)"):
     """f's flattened outputs must be a non-empty list of Tensors (torch.func's rule)."""
-    if not flat_out:
+    if not flat_out or (len(flat_out) == 1 and flat_out[0] is None):
         raise RuntimeError(
             f"{call}: Expected f to be a function that has non-empty output (got an output "
             f"with no Tensors). Return at least one Tensor."

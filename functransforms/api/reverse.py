@@ -205,7 +205,9 @@ def _vjp_with_argnums(func, args, kwargs, argnums, has_aux, api="vjp"):
         primals_out = tree_unflatten([unwrap_tree(o, level) for o in flat_out], out_spec)
         aux = unwrap_tree(aux, level)
 
-    def vjp_fn(cotangents, retain_graph=True):
+    def vjp_fn(cotangents, retain_graph=True, create_graph=None):
+        # create_graph is accepted for torch.func's signature: whether the backward pass is
+        # recorded follows grad mode, as there.
         flat_ct, ct_spec = tree_flatten(cotangents)
         if ct_spec != out_spec:
             raise RuntimeError(
