@@ -5,6 +5,7 @@ import torch
 from torch.autograd.variable import Variable
 
 from ..core.mode import adopting_new_tensors
+from ..core.wrapper import LevelTensor, tracked_below
 from ..reverse.interpreter import GradInterpreter
 from .pytree import (
     check_outputs,
@@ -70,10 +71,21 @@ def _autograd_grad(level, outputs, inputs, grad_outputs, retain_graph=False):
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
     if not pairs:
         return tuple(torch.zeros_like(i) for i in inputs)
+    # NOTE [Backward below a grad level]: the engine runs backward formulas with grad mode
+    # off unless create_graph. Ops of those formulas on tensors captured from below (``W.t()``
+    # for ``W @ x`` with W tracked by an outer torch autograd or grad level) then reach no
+    # level and are recorded by nothing: the Jacobian would silently lose its dependence on
+    # W. When the forward pass was tracked below (an output's value is), backward runs with
+    # create_graph, as torch.func always does; this level's own recording of it is dropped
+    # with the level.
+    create_graph = level.prev_grad_mode and any(
+        tracked_below(o._value if isinstance(o, LevelTensor) and o._level is level else o)
+        for o, _ in pairs
+    )
     level.in_backward = True
     try:
         grads = _ENGINE.run_backward(
-            tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain_graph, False,
+            tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain_graph, create_graph,
             tuple(inputs), True, False,  # allow_unreachable, accumulate_grad
         )
     finally:
