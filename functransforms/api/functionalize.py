@@ -17,6 +17,7 @@ functionalize.
 import functools
 
 import torch
+from torch.utils._mode_utils import no_dispatch
 
 from ..autograd_function import custom_function_call, custom_function_rule
 from ..batching.fallback import op_name
@@ -56,6 +57,7 @@ class FunctionalizeInterpreter(Interpreter):
     def __init__(self, remove="mutations"):
         super().__init__()
         self.views_as_copies = remove == "mutations_and_views"
+        self.inputs = []
 
     def lift(self, value):
         return FunctionalTensor(value, self, _Storage(value), ())
@@ -86,6 +88,8 @@ class FunctionalizeInterpreter(Interpreter):
         return self.current(a)
 
     def process(self, func, args, kwargs):
+        if torch.Tag.inplace_view in func.tags:
+            return self._inplace_view(func, args, kwargs)
         _check_supported(func, kwargs)
         values = [self._unwrap(a) for a in args]
         if kwargs:
@@ -107,6 +111,30 @@ class FunctionalizeInterpreter(Interpreter):
         with lowering(None):
             out = func(*values, **kwargs)
         return self._wrap_fresh(out)
+
+    def _inplace_view(self, func, args, kwargs):
+        # ``x.unsqueeze_(0)`` re-points x at a new view of the same storage: the chain
+        # grows by the out-of-place view, and the wrapper takes the new shape.
+        target = args[0]
+        twin = _functional_twin(func)
+        if (twin is None or not (isinstance(target, LevelTensor) and target._level is self)
+                or any(target is w for w in self.inputs)):
+            # An input's new shape could not be applied back to the caller's tensor.
+            raise RuntimeError(
+                f"functionalize: aten::{op_name(func)} changes a tensor's shape or strides in "
+                f"place, which is supported only on tensors the function creates, not on its "
+                f"inputs. Use the out-of-place version (e.g. `x = x.t()` instead of `x.t_()`)."
+            )
+        rest = tuple(self._unwrap(a) for a in args[1:])
+        kwargs = {k: self._unwrap(v) for k, v in kwargs.items()}
+        op = _copy_twin(twin) if self.views_as_copies else twin
+        with lowering(None):
+            value = op(self.current(target), *rest, **kwargs)
+        target._chain = target._chain + ((twin, rest, kwargs, None),)
+        target._value = value
+        with no_dispatch():
+            target.as_strided_(value.shape, value.stride())
+        return target
 
     def _view_of(self, source, value, step):
         return FunctionalTensor(value, self, source._storage, source._chain + (step,))
@@ -221,12 +249,6 @@ def _functional_twin(func):
 
 
 def _check_supported(func, kwargs):
-    if torch.Tag.inplace_view in func.tags:
-        raise RuntimeError(
-            f"functionalize: aten::{op_name(func)} changes a tensor's shape or strides in "
-            f"place, which is not supported. Use the out-of-place version "
-            f"(e.g. `x = x.t()` instead of `x.t_()`)."
-        )
     if kwargs and any(
         a.kwarg_only and a.alias_info is not None and a.alias_info.is_write and a.name in kwargs
         for a in func._schema.arguments
@@ -262,6 +284,7 @@ def functionalize(func, *, remove="mutations"):
         flat_in, in_spec = tree_flatten((args, kwargs))
         with FunctionalizeInterpreter(remove) as level:
             lifted = [level.lift(x) if isinstance(x, torch.Tensor) else x for x in flat_in]
+            level.inputs = [w for w in lifted if isinstance(w, FunctionalTensor)]
             f_args, f_kwargs = tree_unflatten(lifted, in_spec)
             out = func(*f_args, **f_kwargs)
             out = tree_map(level.current, out)
