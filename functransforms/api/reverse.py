@@ -2,10 +2,9 @@
 import functools
 
 import torch
-from torch.autograd.variable import Variable
 
 from ..core.mode import adopting_new_tensors
-from ..core.wrapper import LevelTensor, tracked_below
+from ..reverse.backward import autograd_grad, backward_at
 from ..reverse.interpreter import GradInterpreter
 from .pytree import (
     check_outputs,
@@ -17,9 +16,6 @@ from .pytree import (
     tree_unflatten,
     unwrap_tree,
 )
-
-
-_ENGINE = Variable._execution_engine
 
 
 def _lift_inputs(level, tree, api):
@@ -60,37 +56,6 @@ class _Leaf:
 def _tree_str(spec):
     """A pytree structure as users write it, leaves shown as ``*``: ``(*, {'a': *})``."""
     return repr(tree_unflatten([_Leaf()] * spec.num_leaves, spec))
-
-
-def _autograd_grad(level, outputs, inputs, grad_outputs, retain_graph=False):
-    """torch.autograd.grad that returns zeros for unused inputs and accepts constant outputs.
-
-    Calls the engine directly: torch.autograd.grad's argument checks cost as much as a few
-    ops, and every caller has already checked shapes (vjp_fn) or built the seed (grad).
-    """
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
-    if not pairs:
-        return tuple(torch.zeros_like(i) for i in inputs)
-    # NOTE [Backward below a grad level]: the engine runs backward formulas with grad mode
-    # off unless create_graph. Ops of those formulas on tensors captured from below (``W.t()``
-    # for ``W @ x`` with W tracked by an outer torch autograd or grad level) then reach no
-    # level and are recorded by nothing: the Jacobian would silently lose its dependence on
-    # W. When the forward pass was tracked below (an output's value is), backward runs with
-    # create_graph, as torch.func always does; this level's own recording of it is dropped
-    # with the level.
-    create_graph = level.prev_grad_mode and any(
-        tracked_below(o._value if isinstance(o, LevelTensor) and o._level is level else o)
-        for o, _ in pairs
-    )
-    level.in_backward = True
-    try:
-        grads = _ENGINE.run_backward(
-            tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain_graph, create_graph,
-            tuple(inputs), True, False,  # allow_unreachable, accumulate_grad
-        )
-    finally:
-        level.in_backward = False
-    return tuple(torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs))
 
 
 def _lift_args(level, args, argnums_list, api):
@@ -147,7 +112,7 @@ def _grad_and_value(func, argnums, has_aux, args, kwargs, api):
             rebuilds.append(rebuild)
             counts.append(len(leaves))
         flat_grads = [
-            unwrap_tree(g, level) for g in _autograd_grad(level, [output], flat_diff, seed)
+            unwrap_tree(g, level) for g in autograd_grad(level, [output], flat_diff, seed)
         ]
         grads, start = [], 0
         for rebuild, n in zip(rebuilds, counts):
@@ -241,17 +206,7 @@ def _vjp_with_argnums(func, args, kwargs, argnums, has_aux, api="vjp"):
                     f"dtype {o.dtype}; a complex output needs a complex cotangent and a real "
                     f"output a real one."
                 )
-        # NOTE [Re-entering a vjp level]: the level was popped when vjp returned. Its graph is
-        # still there, so the backward pass re-enters the level on top of whatever transforms
-        # are active now (vmap(vjp_fn) puts it above the vmap), with the grad mode of this call.
-        level.prev_grad_mode = torch.is_grad_enabled()
-        with level:
-            # Lifting the cotangents routes every backward op through this level's lowering,
-            # so levels below record it even when it touches only the cotangents (sum's
-            # backward is ``ct.expand``); the engine itself runs with grad mode off.
-            flat_ct = [level.lift(ct, requires_grad=False) for ct in flat_ct]
-            grads = _autograd_grad(level, flat_out, flat_in, flat_ct, retain_graph=retain_graph)
-            grads = [unwrap_tree(g, level) for g in grads]
+        grads = backward_at(level, flat_out, flat_in, flat_ct, retain_graph=retain_graph)
         return tree_unflatten(grads, in_spec)
 
     if has_aux:
