@@ -179,13 +179,21 @@ def _inplace_via_functional(functional):
                 tangent = tangent.to(target.dtype)
             # NOTE [In-place tangents]: a view of a dual carries the same view of its
             # tangent (forward/rules/linear.py), so a write through the view (buf[0] = x)
-            # must write into that tangent for the base to see it. Any other target gets its
-            # tangent rebound instead: a rule may hand back an input's tangent object as its
-            # result's tangent, and writing into it would corrupt another dual.
+            # must write into that tangent for the base to see it; so must a write into a
+            # dual that views were taken of (``v = x[0]; x.copy_(y)``: v's tangent is a view
+            # of x's). Any other target gets its tangent rebound instead, never to an input's
+            # tangent object: two duals sharing one tangent would corrupt each other on the
+            # next write.
             old = target._tangent
-            if target._value._base is not None and old is not None and old._base is not None:
+            if old is not None and (
+                (target._value._base is not None and old._base is not None)
+                or getattr(target, "_viewed", False)
+            ):
                 old.copy_(tangent)
                 return target
+            if any(isinstance(a, LevelTensor) and a._level is interp and a._tangent is tangent
+                   for a in args):
+                tangent = tangent.clone()
         target._tangent = tangent
         return target
 
@@ -236,10 +244,23 @@ _HANDLERS = {}
 _INPLACE_TWINS = {aten.copy_.default: aten.copy.default}
 
 
+def _marking_views(handler):
+    # The base of a view now shares its tangent with it (NOTE [In-place tangents]).
+    def handle(interp, func, args, kwargs):
+        base = args[0]
+        if isinstance(base, LevelTensor) and base._level is interp:
+            base._viewed = True
+        return handler(interp, func, args, kwargs)
+
+    return handle
+
+
 def _choose_handler(func):
     rule = JVP_RULES.get(func)
     if rule is not None and not mutated_arg_positions(func):
         handler = _rule_handler(rule)
+        if func.is_view:
+            handler = _marking_views(handler)
     elif torch.Tag.inplace_view in func.tags and functional_twin(func) is not None:
         handler = _inplace_view(functional_twin(func))
     elif mutated_arg_positions(func) and (
