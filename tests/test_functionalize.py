@@ -182,3 +182,19 @@ class TestErrors(expecttest.TestCase):
             ft.functionalize(f)(torch.ones(3))
         self.assertExpectedInline(str(err.exception), """functionalize: aten::add_.Tensor writes into a tensor captured from outside the function. Pass it as an input so that the write can be applied back to it.""")
         assert_close(captured, torch.zeros(3))
+
+
+def test_writes_into_tensors_created_inside():
+    # Buffers the function creates belong to it (any dtype), as under torch.func.
+    def f(src):
+        buf = torch.zeros(4, 3)
+        buf[1:3].copy_(src)
+        idx = torch.zeros(3, dtype=torch.long)
+        idx[1] = 2
+        return buf * 2, idx
+
+    src = torch.randn(2, 3)
+    for remove in ("mutations", "mutations_and_views"):
+        assert_close(ft.functionalize(f, remove=remove)(src), torch.func.functionalize(f, remove=remove)(src))
+    batched = torch.randn(5, 2, 3)
+    assert_close(ft.vmap(ft.functionalize(f))(batched), torch.func.vmap(torch.func.functionalize(f))(batched))

@@ -22,6 +22,7 @@ from torch.utils._mode_utils import no_dispatch
 from ..autograd_function import custom_function_call, custom_function_rule
 from ..batching.fallback import op_name
 from ..core.levels import Interpreter, lowering
+from ..core.mode import adopting_new_tensors
 from ..core.wrapper import LevelTensor, mutated_arg_positions
 from .pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -53,6 +54,7 @@ class FunctionalTensor(LevelTensor):
 
 class FunctionalizeInterpreter(Interpreter):
     kind = "functionalize"
+    adopts_every_dtype = True
 
     def __init__(self, remove="mutations"):
         super().__init__()
@@ -61,6 +63,11 @@ class FunctionalizeInterpreter(Interpreter):
 
     def lift(self, value):
         return FunctionalTensor(value, self, _Storage(value), ())
+
+    def adopt(self, tensor):
+        # A tensor the function creates (``buf = torch.zeros(3)``) is the function's own:
+        # writes into it are functionalized like writes into any intermediate.
+        return self.lift(tensor)
 
     def current(self, x):
         """``x``'s value one level down, brought up to date with writes through aliases."""
@@ -286,7 +293,8 @@ def functionalize(func, *, remove="mutations"):
             lifted = [level.lift(x) if isinstance(x, torch.Tensor) else x for x in flat_in]
             level.inputs = [w for w in lifted if isinstance(w, FunctionalTensor)]
             f_args, f_kwargs = tree_unflatten(lifted, in_spec)
-            out = func(*f_args, **f_kwargs)
+            with adopting_new_tensors(level):
+                out = func(*f_args, **f_kwargs)
             out = tree_map(level.current, out)
             written = [
                 (x, level.current(w))

@@ -78,7 +78,9 @@ class TransformMode(TorchDispatchMode):
 
 def _adopt(level, out):
     if isinstance(out, torch.Tensor):
-        return level.adopt(out) if out.is_floating_point() or out.is_complex() else out
+        if level.adopts_every_dtype or out.is_floating_point() or out.is_complex():
+            return level.adopt(out)
+        return out
     if type(out) in (tuple, list):
         return type(out)(_adopt(level, o) for o in out)
     return out
