@@ -1,4 +1,6 @@
 """functionalize: same results and input mutations as the original, no mutations below."""
+import warnings
+
 import expecttest
 import pytest
 import torch
@@ -198,3 +200,21 @@ def test_writes_into_tensors_created_inside():
         assert_close(ft.functionalize(f, remove=remove)(src), torch.func.functionalize(f, remove=remove)(src))
     batched = torch.randn(5, 2, 3)
     assert_close(ft.vmap(ft.functionalize(f))(batched), torch.func.vmap(torch.func.functionalize(f))(batched))
+
+
+def test_out_arguments():
+    # out= writes its result into the buffer (resizing a fresh one), as under torch.func.
+    def f(x):
+        out = torch.empty(())
+        torch.add(x, x, out=out)
+        out.view(4).add_(1)
+        mins, maxs = torch.empty(2), torch.empty(1, 2)
+        torch.aminmax(x.view(2, 2), dim=0, out=(mins, maxs.view(2)))
+        return out, mins, maxs
+
+    x = torch.randn(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager's warning about resizing a non-empty out
+        expected = torch.func.functionalize(f)(x)
+        for remove in ("mutations", "mutations_and_views"):
+            assert_close(ft.functionalize(f, remove=remove)(x), expected)

@@ -97,7 +97,8 @@ class FunctionalizeInterpreter(Interpreter):
     def process(self, func, args, kwargs):
         if torch.Tag.inplace_view in func.tags:
             return self._inplace_view(func, args, kwargs)
-        _check_supported(func, kwargs)
+        if kwargs and _out_variant(func) is not None:
+            return self._out(func, args, kwargs)
         values = [self._unwrap(a) for a in args]
         if kwargs:
             kwargs = {k: self._unwrap(v) for k, v in kwargs.items()}
@@ -142,6 +143,42 @@ class FunctionalizeInterpreter(Interpreter):
         with no_dispatch():
             target.as_strided_(value.shape, value.stride())
         return target
+
+    def _out(self, func, args, kwargs):
+        # ``torch.add(a, b, out=buf)``: the functional op, then its result written into
+        # ``buf`` like any in-place write (a fresh buffer of another shape is resized, as
+        # out= does, by re-pointing it at the result).
+        outs, functional = _out_variant(func)
+        if functional is None:
+            raise RuntimeError(
+                f"functionalize: aten::{op_name(func)} was called with out= and has no "
+                f"out-of-place version to replace it with. Use the out-of-place operation."
+            )
+        targets = [kwargs[name] for name in outs]
+        for t in targets:
+            if not (isinstance(t, LevelTensor) and t._level is self):
+                raise RuntimeError(
+                    f"functionalize: aten::{op_name(func)} writes into a tensor captured from "
+                    f"outside the function. Pass it as an input so that the write can be "
+                    f"applied back to it."
+                )
+        values = [self._unwrap(a) for a in args]
+        rest = {k: self._unwrap(v) for k, v in kwargs.items() if k not in outs}
+        with lowering(None):
+            out = functional(*values, **rest)
+            results = out if type(out) in (tuple, list) else (out,)
+            for target, new in zip(targets, results):
+                if new.shape != target.shape and not target._chain and not any(
+                        target is w for w in self.inputs):
+                    target._storage.base = new
+                    target._storage.version += 1
+                    target._value, target._seen = new, target._storage.version
+                    with no_dispatch():
+                        target.resize_(new.shape)
+                        target.as_strided_(new.shape, new.stride())
+                else:
+                    self._write(func, target, new)
+        return targets[0] if len(targets) == 1 else tuple(targets)
 
     def _view_of(self, source, value, step):
         return FunctionalTensor(value, self, source._storage, source._chain + (step,))
@@ -255,15 +292,28 @@ def _functional_twin(func):
     return twin
 
 
-def _check_supported(func, kwargs):
-    if kwargs and any(
-        a.kwarg_only and a.alias_info is not None and a.alias_info.is_write and a.name in kwargs
-        for a in func._schema.arguments
-    ):
-        raise RuntimeError(
-            f"functionalize: aten::{op_name(func)} was called with out=. Use the "
-            f"out-of-place version of the operation."
-        )
+_out_cache = {}
+
+
+def _out_variant(func):
+    """``(out argument names, functional overload)`` for an ``out=`` overload, else None."""
+    entry = _out_cache.get(func)
+    if entry is None:
+        outs = tuple(a.name for a in func._schema.arguments
+                     if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write)
+        functional = None
+        if outs:
+            names = [a.name for a in func._schema.arguments if a.name not in outs]
+            packet = getattr(aten, func._schema.name.split("::")[-1], None)
+            for overload in packet.overloads() if packet is not None else ():
+                op = getattr(packet, overload)
+                args = op._schema.arguments
+                if [a.name for a in args] == names and not any(
+                        a.alias_info is not None and a.alias_info.is_write for a in args):
+                    functional = op
+                    break
+        entry = _out_cache[func] = (outs, functional) if outs else (None,)
+    return entry if entry[0] else None
 
 
 def functionalize(func, *, remove="mutations"):
