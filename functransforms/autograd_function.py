@@ -28,12 +28,13 @@ import torch
 from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
 from .batching.interpreter import BatchedTensor, VmapInterpreter
-from .core.wrapper import LevelTensor
+from .core.wrapper import LevelTensor, tracked_below
 from .reverse.interpreter import GradTensor
 
 __all__ = ["custom_function_call", "VmapInfo", "CUSTOM_FUNCTION_RULES"]
 
 _Function = torch.autograd.Function
+_DelayedError = torch._C._functions.DelayedError
 
 CUSTOM_FUNCTION_RULES = {}
 
@@ -206,9 +207,19 @@ class _GradLevelFunction(_SpecFunction):
     """The node a grad level records: forward goes one level down, backward is the user's."""
 
     @staticmethod
+    def backward(ctx, *grads):
+        out = ctx._ft_spec.backward(ctx, *grads)
+        if _once_differentiable(ctx._ft_spec):
+            # The user's backward ran under no_grad: the levels below must not differentiate
+            # its result either. As torch's once_differentiable does for plain autograd,
+            # results whose cotangents are tracked below get a node that refuses backward.
+            out = _delay_error(ctx._ft_level, grads, out)
+        return out
+
+    @staticmethod
     def forward(ctx, *args):
         spec = ctx._ft_spec = _pending.spec
-        level = _pending.level
+        level = ctx._ft_level = _pending.level
         values = tuple(a._value if isinstance(a, LevelTensor) and a._level is level else a
                        for a in args)
         fwd_grad = _pending.fwd_grad
@@ -255,6 +266,31 @@ class _fwd_grad_mode:
     def __exit__(self, *exc):
         torch._C._set_fwd_grad_enabled(self._prev)
         return False
+
+
+# The code object of torch's once_differentiable wrapper, to recognise wrapped backwards.
+_ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
+
+def _once_differentiable(spec):
+    return getattr(getattr(spec, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE_CODE
+
+
+def _delay_error(level, grads, out):
+    values = [g._value if isinstance(g, LevelTensor) and g._level is level else g for g in grads]
+    if not any(isinstance(v, torch.Tensor) and tracked_below(v) for v in values):
+        return out
+    outs = _as_tuple(out)
+    inner = [o._value if isinstance(o, LevelTensor) and o._level is level else o for o in outs]
+    tensors = [i for i in inner if isinstance(i, torch.Tensor)]
+    with level.lower():
+        delayed = _DelayedError(
+            b"trying to differentiate twice a function that was marked with "
+            b"@once_differentiable", len(tensors))(*tensors)
+    delayed = iter(_as_tuple(delayed))
+    wrapped = tuple(GradTensor(next(delayed), level) if isinstance(i, torch.Tensor) else o
+                    for i, o in zip(inner, outs))
+    return wrapped if isinstance(out, tuple) else wrapped[0]
 
 
 def _as_tuple(x):

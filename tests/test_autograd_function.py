@@ -403,3 +403,30 @@ class TestErrors(expecttest.TestCase):
         with self.assertRaises(RuntimeError) as err:
             ft.vmap(BadDims.apply)(X)
         self.assertExpectedInline(str(err.exception), """vmap: the vmap staticmethod of BadDims returned an incompatible (output, out_dims) tuple: out_dims=(0,) must be an int, None, or a pytree with the structure of the output (one out_dim per output Tensor).""")
+
+
+def test_once_differentiable_backward_refuses_double_backward_like_torch_func():
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x ** 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 3 * x ** 2 * g
+
+    x = torch.tensor(1.5, requires_grad=True)
+    gy = torch.tensor(0.5, requires_grad=True)
+    for m in (ft, torch.func):
+        _, vjp_fn = m.vjp(Cube.apply, x)
+        (gx,) = vjp_fn(gy)
+        torch.testing.assert_close(gx.detach(), torch.tensor(3 * 1.5 ** 2 * 0.5))
+        with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+            gx.backward()
+    torch.testing.assert_close(ft.grad(Cube.apply)(torch.tensor(2.0)), torch.tensor(12.0))
