@@ -218,3 +218,27 @@ def test_out_arguments():
         expected = torch.func.functionalize(f)(x)
         for remove in ("mutations", "mutations_and_views"):
             assert_close(ft.functionalize(f, remove=remove)(x), expected)
+
+
+def test_resize():
+    # resize_ of an input is applied back to it; of an intermediate, later writes see the
+    # new shape (torch.func's results).
+    def grow(x):
+        x.resize_(10)
+        x.fill_(2)
+
+    def reshape_buffer(x):
+        y = x.clone()
+        y.resize_(2, 3)
+        y.fill_(1)
+        y[0].add_(x.sum())
+        return y
+
+    for remove in ("mutations", "mutations_and_views"):
+        ours, theirs = torch.zeros(0), torch.zeros(0)
+        ft.functionalize(grow, remove=remove)(ours)
+        torch.func.functionalize(grow, remove=remove)(theirs)
+        assert_close(ours, theirs)
+        x = torch.randn(6)
+        assert_close(ft.functionalize(reshape_buffer, remove=remove)(x),
+                     torch.func.functionalize(reshape_buffer, remove=remove)(x))

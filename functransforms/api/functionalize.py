@@ -95,7 +95,7 @@ class FunctionalizeInterpreter(Interpreter):
         return self.current(a)
 
     def process(self, func, args, kwargs):
-        if torch.Tag.inplace_view in func.tags:
+        if torch.Tag.inplace_view in func.tags and func is not aten.resize_.default:
             return self._inplace_view(func, args, kwargs)
         if kwargs and _out_variant(func) is not None:
             return self._out(func, args, kwargs)
@@ -146,8 +146,7 @@ class FunctionalizeInterpreter(Interpreter):
 
     def _out(self, func, args, kwargs):
         # ``torch.add(a, b, out=buf)``: the functional op, then its result written into
-        # ``buf`` like any in-place write (a fresh buffer of another shape is resized, as
-        # out= does, by re-pointing it at the result).
+        # ``buf`` like any in-place write (resizing it, as out= does, when shapes differ).
         outs, functional = _out_variant(func)
         if functional is None:
             raise RuntimeError(
@@ -168,16 +167,7 @@ class FunctionalizeInterpreter(Interpreter):
             out = functional(*values, **rest)
             results = out if type(out) in (tuple, list) else (out,)
             for target, new in zip(targets, results):
-                if new.shape != target.shape and not target._chain and not any(
-                        target is w for w in self.inputs):
-                    target._storage.base = new
-                    target._storage.version += 1
-                    target._value, target._seen = new, target._storage.version
-                    with no_dispatch():
-                        target.resize_(new.shape)
-                        target.as_strided_(new.shape, new.stride())
-                else:
-                    self._write(func, target, new)
+                self._write(func, target, new)
         return targets[0] if len(targets) == 1 else tuple(targets)
 
     def _view_of(self, source, value, step):
@@ -215,10 +205,17 @@ class FunctionalizeInterpreter(Interpreter):
 
     def _write(self, func, target, new):
         if new.shape != target.shape:
-            raise RuntimeError(
-                f"functionalize: aten::{op_name(func)} changes the shape of a tensor in place "
-                f"({tuple(target.shape)} -> {tuple(new.shape)}), which is not supported."
-            )
+            if target._chain:
+                raise RuntimeError(
+                    f"functionalize: aten::{op_name(func)} changes the shape of a view in place "
+                    f"({tuple(target.shape)} -> {tuple(new.shape)}), which is not supported. "
+                    f"Resize the base tensor instead."
+                )
+            # resize_ (or an out= op resizing its buffer): the base itself takes the new
+            # shape; an input's new shape is applied back to it on the way out.
+            with no_dispatch():
+                target.resize_(new.shape)
+                target.as_strided_(new.shape, new.stride())
         if new.dtype != target.dtype:
             new = new.to(target.dtype)
         storage = target._storage
@@ -352,6 +349,8 @@ def functionalize(func, *, remove="mutations"):
                 if isinstance(w, FunctionalTensor) and w._storage.version
             ]
         for original, new in written:
+            if original.shape != new.shape:
+                original.resize_(new.shape)
             original.copy_(new)
         return out
 
