@@ -227,16 +227,16 @@ class _GradLevelFunction(_SpecFunction):
             out = custom_function_call(spec, values)
         # An input handed back as-is (an in-place Function marks it dirty) must stay the
         # same object, or torch autograd would not see it among the outputs.
-        wrapped = _map_tensors(out, lambda t: _same_input(t, values, args) or GradTensor(t, level))
+        wrapped = _map_tensors(out, lambda t: _same_input(t, values, args, level))
         spec.setup_context(ctx, args, wrapped)
         return wrapped
 
 
-def _same_input(t, values, args):
+def _same_input(t, values, args, level):
     for v, a in zip(values, args):
         if t is v and isinstance(a, torch.Tensor):
             return a
-    return None
+    return GradTensor(t, level)
 
 
 _generated = {}

@@ -430,3 +430,83 @@ def test_once_differentiable_backward_refuses_double_backward_like_torch_func():
         with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
             gx.backward()
     torch.testing.assert_close(ft.grad(Cube.apply)(torch.tensor(2.0)), torch.tensor(12.0))
+
+
+class Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class TestContract(expecttest.TestCase):
+    def test_vmap_staticmethod_must_have_two_returns(self):
+        class OneReturn(Identity):
+            @staticmethod
+            def vmap(info, in_dims, x):
+                return x
+
+        with self.assertRaises(RuntimeError) as err:
+            ft.vmap(OneReturn.apply)(X)
+        self.assertExpectedInline(str(err.exception), """vmap: expected the vmap staticmethod of OneReturn to have two returns, an output and out_dims with a pytree structure compatible with the output; got Tensor.""")
+
+    def test_kwarg_only_tensors(self):
+        class KwOnly(Identity):
+            @staticmethod
+            def forward(x, *, y):
+                return x + y
+
+        with self.assertRaises(NotImplementedError) as err:
+            ft.grad(lambda x: KwOnly.apply(x, y=x).sum())(X)
+        self.assertExpectedInline(str(err.exception), """KwOnly: kwarg-only Tensor args of forward are not supported inside transforms (nor by torch.func). Make them positional arguments of forward.""")
+
+    def test_pytree_in_dims_and_out_dims(self):
+        seen = []
+
+        class Pair(Identity):
+            @staticmethod
+            def forward(x, ys):
+                return x, ys
+
+            @staticmethod
+            def vmap(info, in_dims, x, ys):
+                seen.append(in_dims)
+                return (x, ys), in_dims
+
+        for m in (ft, tf):
+            out = m.vmap(Pair.apply)(X, [X, X * 2])
+            assert_close(out, (X, [X, X * 2]))
+        self.assertEqual(seen, [(0, [0, 0])] * 2)
+
+    def test_generated_backward_name_and_mark_dirty(self):
+        class AddOne(Identity):
+            @staticmethod
+            def forward(x):
+                return x.add_(1)
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                ctx.mark_dirty(inputs[0])
+
+            @staticmethod
+            def jvp(ctx, t):
+                return t.add_(0)  # an in-place Function updates its tangent in place too
+
+        names = []
+
+        def f(x):
+            y = AddOne.apply(x.clone())
+            names.append(type(y.grad_fn).__name__)
+            return (y * y).sum()
+
+        for m in (ft, tf):
+            assert_close(m.grad(f)(X), 2 * (X + 1))
+            assert_close(m.jvp(lambda x: AddOne.apply(x.clone()), (X,), (T,)), (X + 1, T))
+        self.assertEqual(names, ["AddOneGeneratedBackward"] * 2)
