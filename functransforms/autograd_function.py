@@ -28,6 +28,7 @@ import torch
 from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
 from .batching.interpreter import BatchedTensor, VmapInterpreter
+from .core.mode import not_adopting
 from .core.wrapper import LevelTensor, tracked_below
 from .reverse.interpreter import GradTensor
 
@@ -223,7 +224,7 @@ class _GradLevelFunction(_SpecFunction):
         values = tuple(a._value if isinstance(a, LevelTensor) and a._level is level else a
                        for a in args)
         fwd_grad = _pending.fwd_grad
-        with level.lower(), _fwd_grad_mode(fwd_grad):
+        with level.lower(), _fwd_grad_mode(fwd_grad), not_adopting(level):
             out = custom_function_call(spec, values)
         # An input handed back as-is (an in-place Function marks it dirty) must stay the
         # same object, or torch autograd would not see it among the outputs.
@@ -347,7 +348,7 @@ def _vmap_rule(level, spec, args):
         values.append(tree_unflatten([p[0] for p in pairs], spec_a))
         in_dims.append(tree_unflatten([p[1] for p in pairs], spec_a))
     info = VmapInfo(level.batch_size, level.randomness)
-    with level.lower():
+    with level.lower(), not_adopting(level):
         result = spec.vmap(info, tuple(in_dims), *values)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise RuntimeError(
@@ -391,7 +392,7 @@ def _vmap_generated(level, spec, args):
             values.append(a)
             in_dims.append(None)
     batched = _BatchedSpec(spec, tuple(in_dims), level.batch_size, level.randomness)
-    with level.lower():
+    with level.lower(), not_adopting(level):
         out = custom_function_call(batched, tuple(values))
     return _wrap_batched(level, spec, out, batched.out_dims)
 
@@ -579,7 +580,7 @@ def _jvp_rule(level, spec, args):
             f"jvp(ctx, *tangents) to use it with forward-mode transforms (jvp, jacfwd, ...)."
         )
     primals, tangents, _ = level.split_args(args)
-    with level.lower():
+    with level.lower(), not_adopting(level):
         out = custom_function_call(spec, tuple(primals))
         ctx = _JvpCtx(len(primals))
         spec.setup_context(ctx, tuple(primals), out)

@@ -510,3 +510,44 @@ class TestContract(expecttest.TestCase):
             assert_close(m.grad(f)(X), 2 * (X + 1))
             assert_close(m.jvp(lambda x: AddOne.apply(x.clone()), (X,), (T,)), (X + 1, T))
         self.assertEqual(names, ["AddOneGeneratedBackward"] * 2)
+
+
+class CloningSquare(torch.autograd.Function):
+    # Its rules make fresh tensors one level down (clone, zeros_like): no level may claim them.
+    @staticmethod
+    def forward(x):
+        return x.clone() * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[0])
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x.clone() * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        buf = torch.zeros_like(t)
+        buf.copy_(t.clone())
+        return 2 * x * buf
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return CloningSquare.apply(x.clone()), in_dims[0]
+
+
+@pytest.mark.parametrize("transform", ["jacfwd", "jacrev", "hessian", "vmap_jacfwd"])
+def test_fresh_tensors_inside_custom_rules_stay_below(transform):
+    def run(m):
+        f = lambda x: CloningSquare.apply(x).sin()
+        if transform == "vmap_jacfwd":
+            return m.vmap(m.jacfwd(f))(X.reshape(-1)[:6].reshape(3, 2))
+        if transform == "hessian":
+            return m.hessian(lambda x: f(x).sum())(X)
+        return getattr(m, transform)(f)(X)
+
+    assert_close(run(ft), run(tf))

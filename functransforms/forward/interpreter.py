@@ -19,6 +19,7 @@ How an op is served, fastest first (the choice is cached per op):
 """
 import torch
 from torch.utils._mode_utils import no_dispatch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..core.levels import Interpreter, lowering
 from ..core.ops import decomposition, functional_twin
@@ -69,8 +70,11 @@ class JvpInterpreter(Interpreter):
 
     def adopt(self, tensor):
         # A tensor the user's function creates: a dual with a zero tangent, so in-place
-        # writes of duals into it (buf[i] = x) carry their tangents.
-        return DualTensor(tensor, torch.zeros_like(tensor), self)
+        # writes of duals into it (buf[i] = x) carry their tangents. The zeros are ours, not
+        # the function's: no adopting level may claim them (NOTE [Ops no wrapper reaches]).
+        with _disable_current_modes():
+            tangent = torch.zeros_like(tensor)
+        return DualTensor(tensor, tangent, self)
 
     def process(self, func, args, kwargs):
         if not _fwd_grad_enabled():
