@@ -388,3 +388,27 @@ def test_vmap_of_second_order(name):
 def test_vmap_of_grad_with_detach():
     f = lambda x: (x.detach() * x.exp() + x.tanh()).sum()  # noqa: E731
     both(lambda m: m.vmap(nest(m, f, 2)), torch.randn(4, 3))
+
+
+def test_tolist_and_repr_inside_grad_like_torch_func():
+    # Python values of a grad level's tensors are allowed, as under torch.func, conjugate
+    # views and nested levels included.
+    seen = []
+
+    def f(x):
+        seen.append((x.tolist(), x.conj().tolist()))
+        return (x * x.conj()).real.sum()
+
+    z = torch.tensor([1.0 + 2.0j, 3.0 + 4.0j])
+    torch.testing.assert_close(ft.grad(f)(z), torch.func.grad(f)(z))
+    assert seen[0] == seen[1]
+
+    def g(x):
+        inner = ft.grad(lambda y: (y ** 3).sum())(x)
+        seen.append((x.tolist(), inner.tolist()))
+        assert repr(x).startswith("GradTrackingTensor(lvl=1, value=")
+        return inner.sum()
+
+    x = torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(ft.grad(g)(x), 6 * x)
+    assert seen[-1] == ([1.0, 2.0], [3.0, 12.0])

@@ -57,25 +57,3 @@ def test_vmap_of_jvp_base_written_after_view():
 
     torch.testing.assert_close(run(ft), run(tf))
 
-
-def test_writes_into_copies_of_captured_tensors():
-    # ``buf = captured.clone()`` belongs to the function, as under torch.func: writing the
-    # level's values into it (or into a view of it) is recorded.
-    torch.manual_seed(0)
-    w = torch.randn(2, 6, dtype=torch.float64)
-
-    def f(y):
-        buf = w.clone()
-        view = buf[0]
-        view.copy_(y)
-        return view * buf[1], buf
-
-    def g(y):
-        buf = w.new_zeros(2, 6)
-        buf.copy_(y.expand(2, 6))
-        return (buf * w).sum()
-
-    y, t = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    torch.testing.assert_close(ft.jvp(f, (y,), (t,)), tf.jvp(f, (y,), (t,)))
-    torch.testing.assert_close(ft.grad(g)(y), tf.grad(g)(y))
-    torch.testing.assert_close(ft.jacrev(g)(y), tf.jacrev(g)(y))

@@ -6,11 +6,12 @@ op matter to a transform without one:
   * random ops inside vmap (``torch.rand(3)``): the vmap interpreter registers how they are
     drawn (``register_random_handler``; NOTE [Randomness] in batching/random_mode.py), so the
     core does not know about batching;
-  * factories inside ``f`` under grad or jvp (``buf = torch.zeros(3); buf[0] = x``), and
-    fresh copies of captured tensors (``buf = w.clone()``): as in torch.func, a
-    floating-point tensor created by the user's function belongs to the innermost
-    transform, so later in-place writes of that level's values into it are recorded
-    instead of refused as writes into a captured tensor.
+  * factories inside ``f`` under grad or jvp (``buf = torch.zeros(3); buf[0] = x``): as in
+    torch.func, a floating-point tensor created by the user's function belongs to the
+    innermost transform, so later in-place writes of that level's values into it are
+    recorded instead of refused as writes into a captured tensor. (Copies of captured
+    tensors, ``w.clone()``, are not claimed: torch's C++ helpers make such copies inside
+    ``.tolist()`` and printing, and a wrapper there has no storage to read.)
 While either can happen (a vmap level with randomness other than 'same' is alive, or a
 grad/jvp level is running the user's function) this mode is on the mode stack. Ops with
 wrapper arguments go straight to ``LevelTensor.__torch_dispatch__``, as if no mode were
@@ -62,37 +63,19 @@ class TransformMode(TorchDispatchMode):
             # NOTE [detach at a grad level] in reverse/interpreter.py).
             if not level.alive:
                 return run_without_dead_wrappers(func, args, kwargs)
-            out = level.process(func, args, kwargs)
-            if id(func) in _FRESH_COPIES:
-                # A copy of a lower level's tensor: the adopting levels above claim it.
-                for above in level_stack():
-                    if above.adopting and above.depth > level.depth:
-                        out = _adopt(above, out)
-            return out
+            return level.process(func, args, kwargs)
         handler = _random_handler[0]
         if handler is not None and _SEEDED in func.tags:
             out = handler(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
-        if id(func) in _FRESH_COPIES or not _has_tensor(args, kwargs):
+        if not _has_tensor(args, kwargs):
             # Every grad/jvp level whose user function is running claims it, outermost
             # first, as a lower level's value must be wrapped before a higher one's.
             for level in level_stack():
                 if level.adopting:
                     out = _adopt(level, out)
         return out
-
-
-# Fresh tensors made from captured ones (``buf = x.clone()``, ``x.new_zeros(3)``) are the
-# function's own buffers too, as under torch.func: writes of the level's values into them
-# are recorded. (Views of captured tensors stay captured.)
-_aten = torch.ops.aten
-_FRESH_COPIES = frozenset(id(op) for op in (
-    _aten.clone.default, _aten._to_copy.default, _aten.new_zeros.default,
-    _aten.new_empty.default, _aten.new_ones.default, _aten.new_full.default,
-    _aten.zeros_like.default, _aten.ones_like.default, _aten.empty_like.default,
-    _aten.full_like.default,
-))
 
 
 def _adopt(level, out):
