@@ -177,9 +177,6 @@ _pending = threading.local()
 def _apply_with(cls, spec, level, args):
     _pending.spec = spec
     _pending.level = level
-    # torch runs forward with forward AD off; the levels below must still see the caller's
-    # setting (NOTE [Forward grad enablement] in forward/interpreter.py).
-    _pending.fwd_grad = torch._C._is_fwd_grad_enabled()
     return _torch_apply(cls, *args)
 
 
@@ -223,8 +220,7 @@ class _GradLevelFunction(_SpecFunction):
         level = ctx._ft_level = _pending.level
         values = tuple(a._value if isinstance(a, LevelTensor) and a._level is level else a
                        for a in args)
-        fwd_grad = _pending.fwd_grad
-        with level.lower(), _fwd_grad_mode(fwd_grad), not_adopting(level):
+        with level.lower(), not_adopting(level):
             out = custom_function_call(spec, values)
         # An input handed back as-is (an in-place Function marks it dirty) must stay the
         # same object, or torch autograd would not see it among the outputs.
@@ -252,21 +248,6 @@ def _grad_function_for(spec):
     if cls is None:
         cls = _generated[spec] = type(f"{spec.__name__}Generated", (_GradLevelFunction,), {})
     return cls
-
-
-class _fwd_grad_mode:
-    __slots__ = ("_mode", "_prev")
-
-    def __init__(self, mode):
-        self._mode = mode
-
-    def __enter__(self):
-        self._prev = torch._C._is_fwd_grad_enabled()
-        torch._C._set_fwd_grad_enabled(self._mode)
-
-    def __exit__(self, *exc):
-        torch._C._set_fwd_grad_enabled(self._prev)
-        return False
 
 
 # The code object of torch's once_differentiable wrapper, to recognise wrapped backwards.

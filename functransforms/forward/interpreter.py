@@ -48,10 +48,13 @@ class JvpInterpreter(Interpreter):
     kind = "jvp"
 
     # NOTE [Forward grad enablement]: torch's switch for forward AD
-    # (``torch.autograd.forward_ad._set_fwd_grad_enabled``) is one flag shared by all levels,
-    # like grad mode. A jvp level turns it on for its own call, as torch.func does; while the
-    # user's function has it off, every jvp level treats ops as constants (their tangents
-    # are dropped), so the block contributes nothing to any jvp.
+    # (``torch.autograd.forward_ad._set_fwd_grad_enabled``) is one flag; a jvp level turns
+    # it on for its own call, as torch.func does, so a jvp under a disabled switch still
+    # computes tangents. The levels do not read the flag per op: torch also turns it off
+    # around every autograd.Function's forward (our collectives', a grad level's custom
+    # Functions), where the jvp levels below must keep their tangents, and the two cases
+    # cannot be told apart here. A block of ``f`` that turns it off is therefore not a
+    # constant to our jvp levels (torch.func's is).
     def __enter__(self):
         self._prev_fwd_grad = torch._C._is_fwd_grad_enabled()
         if not self._prev_fwd_grad:
@@ -77,8 +80,6 @@ class JvpInterpreter(Interpreter):
         return DualTensor(tensor, tangent, self)
 
     def process(self, func, args, kwargs):
-        if not _fwd_grad_enabled():
-            return _without_tangents(self, func, args, kwargs)
         handler = _HANDLERS.get(id(func))
         if handler is None:
             handler = _choose_handler(func)
@@ -124,22 +125,6 @@ class JvpInterpreter(Interpreter):
                 for o, t in zip(out, out_tangent)
             )
         return out
-
-
-_fwd_grad_enabled = torch._C._is_fwd_grad_enabled
-
-
-def _without_tangents(interp, func, args, kwargs):
-    """``func`` on the primals, as a constant of this level (forward grad is off)."""
-    primals, _, _ = interp.split_args(args)
-    kwargs = {k: v._value if isinstance(v, LevelTensor) and v._level is interp else v
-              for k, v in kwargs.items()}
-    with lowering(None):
-        out = func(*primals, **kwargs)
-    positions = mutated_arg_positions(func)
-    if positions and isinstance(args[positions[0]], LevelTensor) and out is primals[positions[0]]:
-        return args[positions[0]]
-    return out
 
 
 def _has_dual_kwarg(level, kwargs):
