@@ -264,7 +264,10 @@ def _delay_error(level, grads, out):
         return out
     outs = _as_tuple(out)
     inner = [o._value if isinstance(o, LevelTensor) and o._level is level else o for o in outs]
-    tensors = [i for i in inner if isinstance(i, torch.Tensor)]
+    # A result computed without the tracked values (a fresh tensor from numpy) must still
+    # refuse a second backward, as torch.func's does: it becomes a leaf that requires grad.
+    tensors = [i if i.requires_grad or isinstance(i, LevelTensor) else i.detach().requires_grad_()
+               for i in inner if isinstance(i, torch.Tensor)]
     with level.lower():
         delayed = _DelayedError(
             b"trying to differentiate twice a function that was marked with "
