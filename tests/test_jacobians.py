@@ -208,7 +208,7 @@ class TestErrors(expecttest.TestCase):
         with self.assertRaises(ValueError) as ctx:
             ft.jacrev(torch.sin, chunk_size=0)
         self.assertExpectedInline(
-            str(ctx.exception), """jacrev: chunk_size must be a positive int or None, got 0."""
+            str(ctx.exception), """jacrev: `chunk_size` should be greater than 0. Pass a positive int, or None for all rows in one pass; got 0."""
         )
 
     def test_non_tensor_output(self):
@@ -216,7 +216,7 @@ class TestErrors(expecttest.TestCase):
             ft.jacrev(lambda x: 3.0)(torch.randn(2))
         self.assertExpectedInline(
             str(ctx.exception),
-            """vjp(f, *primals): expected f(*primals) to return only Tensors, got float.""",
+            """vjp(f, *primals): expected f(*primals) to return only tensors, got unsupported type float.""",
         )
 
     def test_complex_input(self):
@@ -224,7 +224,7 @@ class TestErrors(expecttest.TestCase):
             ft.jacrev(torch.sin)(torch.randn(2, dtype=torch.cfloat))
         self.assertExpectedInline(
             str(ctx.exception),
-            """jacrev: inputs of complex dtype (torch.complex64) are not supported; take the real and imaginary parts as separate real tensors.""",  # noqa: B950
+            """jacrev: Expected all inputs to be real but received complex tensor (dtype torch.complex64); take the real and imaginary parts as separate real tensors.""",  # noqa: B950
         )
 
     def test_bad_argnums(self):
@@ -232,5 +232,5 @@ class TestErrors(expecttest.TestCase):
             ft.jacrev(torch.mul, argnums=2)(torch.randn(2), torch.randn(2))
         self.assertExpectedInline(
             str(ctx.exception),
-            """jacrev: got argnums=2, but the function was called with 2 positional argument(s). Each argnum must satisfy -2 <= argnum < 2.""",  # noqa: B950
+            """jacrev: got argnum=2, but only 2 positional inputs were given. Each argnum must satisfy -2 <= argnum < 2.""",  # noqa: B950
         )

@@ -41,7 +41,8 @@ class BatchedTensor(LevelTensor):
         return LevelTensor._make(cls, value, level, value.shape[1:], value.stride()[1:])
 
     def __repr__(self, *, tensor_contents=None):
-        return f"BatchedTensor(level={self._level.depth}, bdim=0, value={self._value!r})"
+        # torch.func's format (levels counted from 1); the batch dim is always in front here.
+        return f"BatchedTensor(lvl={self._level.depth + 1}, bdim=0, value={self._value!r})"
 
     def tolist(self):
         # torch refuses .tolist() on any subclass before dispatch, with a message that does

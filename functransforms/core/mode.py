@@ -9,7 +9,9 @@ op matter to a transform without one:
   * factories inside ``f`` under grad or jvp (``buf = torch.zeros(3); buf[0] = x``): as in
     torch.func, a floating-point tensor created by the user's function belongs to the
     innermost transform, so later in-place writes of that level's values into it are
-    recorded instead of refused as writes into a captured tensor.
+    recorded instead of refused as writes into a captured tensor. (Copies of captured
+    tensors, ``w.clone()``, are not claimed: torch's C++ helpers make such copies inside
+    ``.tolist()`` and printing, and a wrapper there has no storage to read.)
 While either can happen (a vmap level with randomness other than 'same' is alive, or a
 grad/jvp level is running the user's function) this mode is on the mode stack. Ops with
 wrapper arguments go straight to ``LevelTensor.__torch_dispatch__``, as if no mode were
@@ -78,7 +80,9 @@ class TransformMode(TorchDispatchMode):
 
 def _adopt(level, out):
     if isinstance(out, torch.Tensor):
-        return level.adopt(out) if out.is_floating_point() or out.is_complex() else out
+        if level.adopts_every_dtype or out.is_floating_point() or out.is_complex():
+            return level.adopt(out)
+        return out
     if type(out) in (tuple, list):
         return type(out)(_adopt(level, o) for o in out)
     return out
@@ -128,3 +132,26 @@ class adopting_new_tensors:
         self._level.adopting = self._previous
         self._mode.__exit__(*exc)
         return False
+
+
+class not_adopting:
+    """Code that runs one level below ``level`` on its behalf (a custom Function's forward,
+    jvp or vmap staticmethod) creates tensors of the levels below: ``level`` and the levels
+    above it must not claim them."""
+
+    __slots__ = ("_depth", "_suspended")
+
+    def __init__(self, level):
+        self._depth = level.depth
+
+    def __enter__(self):
+        self._suspended = [lv for lv in level_stack() if lv.adopting and lv.depth >= self._depth]
+        for lv in self._suspended:
+            lv.adopting = False
+        return self
+
+    def __exit__(self, *exc):
+        for lv in self._suspended:
+            lv.adopting = True
+        return False
+

@@ -20,6 +20,7 @@ How an op is served, fastest first (the choice is cached per op):
 """
 import torch
 from torch.utils._mode_utils import no_dispatch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..core.levels import Interpreter, lowering
 from ..core.ops import decomposition, decomposition_for_jvp, functional_twin, twin_call
@@ -39,7 +40,7 @@ class DualTensor(LevelTensor):
 
     def __repr__(self, *, tensor_contents=None):
         return (
-            f"DualTensor(level={self._level.depth}, primal={self._value!r}, "
+            f"DualTensor(lvl={self._level.depth + 1}, primal={self._value!r}, "
             f"tangent={self._tangent!r})"
         )
 
@@ -47,14 +48,38 @@ class DualTensor(LevelTensor):
 class JvpInterpreter(Interpreter):
     kind = "jvp"
 
+    # NOTE [Forward grad enablement]: torch's switch for forward AD
+    # (``torch.autograd.forward_ad._set_fwd_grad_enabled``) is one flag; a jvp level turns
+    # it on for its own call, as torch.func does, so a jvp under a disabled switch still
+    # computes tangents. The levels do not read the flag per op: torch also turns it off
+    # around every autograd.Function's forward (our collectives', a grad level's custom
+    # Functions), where the jvp levels below must keep their tangents, and the two cases
+    # cannot be told apart here. A block of ``f`` that turns it off is therefore not a
+    # constant to our jvp levels (torch.func's is).
+    def __enter__(self):
+        self._prev_fwd_grad = torch._C._is_fwd_grad_enabled()
+        if not self._prev_fwd_grad:
+            torch._C._set_fwd_grad_enabled(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if not self._prev_fwd_grad:
+                torch._C._set_fwd_grad_enabled(False)
+
     def lift(self, primal, tangent):
         return DualTensor(primal, tangent, self)
 
     def adopt(self, tensor):
         # A tensor the user's function creates: a dual with a zero tangent, so in-place
         # writes of duals into it (buf[i] = x) carry their tangents. Until something is
-        # written into that tangent the dual stands for a constant (see _is_constant).
-        tangent = torch.zeros_like(tensor)
+        # written into that tangent the dual stands for a constant (see _is_constant). The
+        # zeros are ours, not the function's: no adopting level may claim them (NOTE [Ops no
+        # wrapper reaches]).
+        with _disable_current_modes():
+            tangent = torch.zeros_like(tensor)
         dual = DualTensor(tensor, tangent, self)
         dual._adopted = (tangent, tangent._version)
         return dual
@@ -154,11 +179,16 @@ def _inplace_via_functional(functional):
                 tangent = tangent.to(target.dtype)
             # NOTE [In-place tangents]: a view of a dual carries the same view of its
             # tangent (forward/rules/linear.py), so a write through the view (buf[0] = x)
-            # must write into that tangent for the base to see it. Any other target gets its
-            # tangent rebound instead: a rule may hand back an input's tangent object as its
-            # result's tangent, and writing into it would corrupt another dual.
+            # must write into that tangent for the base to see it; so must a write into a
+            # dual that views were taken of (``v = x[0]; x.copy_(y)``: v's tangent is a view
+            # of x's). Any other target gets its tangent rebound instead, never to an input's
+            # tangent object: two duals sharing one tangent would corrupt each other on the
+            # next write.
             old = target._tangent
-            if target._value._base is not None and old is not None and old._base is not None:
+            if old is not None and (
+                (target._value._base is not None and old._base is not None)
+                or getattr(target, "_viewed", False)
+            ):
                 old.copy_(tangent)
                 return target
             if old is not None and not torch.is_grad_enabled() and tracked_below(old):
@@ -167,6 +197,9 @@ def _inplace_via_functional(functional):
                 # as the old one, which a tangent computed under no_grad would not let them.
                 with torch.enable_grad():
                     tangent = old + (tangent - old).detach()
+            elif any(isinstance(a, LevelTensor) and a._level is interp and a._tangent is tangent
+                     for a in args):
+                tangent = tangent.clone()
         target._tangent = tangent
         return target
 
@@ -243,10 +276,23 @@ _HANDLERS = {}
 _INPLACE_TWINS = {aten.copy_.default: aten.copy.default}
 
 
+def _marking_views(handler):
+    # The base of a view now shares its tangent with it (NOTE [In-place tangents]).
+    def handle(interp, func, args, kwargs):
+        base = args[0]
+        if isinstance(base, LevelTensor) and base._level is interp:
+            base._viewed = True
+        return handler(interp, func, args, kwargs)
+
+    return handle
+
+
 def _choose_handler(func):
     rule = JVP_RULES.get(func)
     if rule is not None and not mutated_arg_positions(func):
         handler = _rule_handler(rule)
+        if func.is_view:
+            handler = _marking_views(handler)
     elif torch.Tag.inplace_view in func.tags and functional_twin(func) is not None:
         handler = _inplace_view(functional_twin(func))
     elif mutated_arg_positions(func) and (
@@ -265,8 +311,8 @@ def _choose_handler(func):
 def captured_mutation_message(func):
     return (
         f"During a jvp transform, the function called the in-place operation "
-        f"aten::{op_name(func)} on a tensor that is not a dual of this jvp level (captured "
-        f"from outside the transform, or created inside it without depending on its "
-        f"inputs). Its tangent would be lost. Pass that tensor as an input of the function, "
+        f"aten::{op_name(func)} that would mutate a captured Tensor: one that is not a dual "
+        f"of this jvp level (captured from outside the transform, or created inside it "
+        f"without depending on its inputs). Its tangent would be lost. Pass that tensor as an input of the function, "
         f"or use the out-of-place version of the operation."
     )

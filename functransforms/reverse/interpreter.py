@@ -52,7 +52,8 @@ class GradTensor(LevelTensor):
         return LevelTensor._make(cls, value, level, value.shape, value.stride(), requires_grad)
 
     def __repr__(self, *, tensor_contents=None):
-        return f"GradTensor(level={self._level.depth}, value={self._value!r})"
+        # torch.func's format (levels counted from 1), so printed output reads the same.
+        return f"GradTrackingTensor(lvl={self._level.depth + 1}, value={self._value!r})"
 
 
 class GradInterpreter(Interpreter):
@@ -62,6 +63,36 @@ class GradInterpreter(Interpreter):
         super().__init__()
         self.prev_grad_mode = torch.is_grad_enabled()
         self.in_backward = False
+
+    # NOTE [Inference mode around a grad level]: inference mode turns autograd off more
+    # thoroughly than no_grad (enable_grad cannot undo it), and a grad level *is* autograd:
+    # under it the level would silently compute zero gradients. As in torch.func the level
+    # runs with inference mode off and restores it on the way out; an inference_mode block
+    # inside ``f`` still hides its ops from every level, like no_grad.
+    # Saved tensor hooks (save_on_cpu, ...) would see this level's GradTensors, which must
+    # not leave the level: they are refused while a grad level is active, as in torch.func
+    # (jvp and vmap levels do not mind them).
+    def __enter__(self):
+        self._prev_hooks_message = _hooks_disabled_message()
+        try:
+            _disable_hooks(_SAVED_TENSOR_HOOKS_MESSAGE)
+        except RuntimeError:
+            _restore_hooks(self._prev_hooks_message)
+            raise
+        self._inference_guard = None
+        if torch.is_inference_mode_enabled():
+            self._inference_guard = torch._C._InferenceMode(False)
+            self._inference_guard.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if self._inference_guard is not None:
+                self._inference_guard.__exit__(*exc)
+                self._inference_guard = None
+            _restore_hooks(self._prev_hooks_message)
 
     def lowered_grad_mode(self):
         # As in torch.func, grad mode is one switch shared by all levels: a no_grad inside f
@@ -141,6 +172,23 @@ class GradInterpreter(Interpreter):
         return wrap_output(out, lambda t: GradTensor(t, self))
 
 
+_SAVED_TENSOR_HOOKS_MESSAGE = (
+    "Grad transforms (grad, vjp, jacrev, hessian, ...) don't support saved tensor hooks "
+    "(torch.func transforms don't yet support saved tensor hooks either): the hooks would "
+    "see the transform's internal tensors. Use the hooks (e.g. save_on_cpu) outside the "
+    "transformed function and around no transform call, or drop them."
+)
+_hooks_disabled_message = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message
+_disable_hooks = torch._C._autograd._saved_tensors_hooks_disable
+
+
+def _restore_hooks(message):
+    if message is None:
+        torch._C._autograd._saved_tensors_hooks_enable()
+    else:
+        torch._C._autograd._saved_tensors_hooks_disable(message)
+
+
 def _sync_metadata(wrapper):
     # In-place view ops (squeeze_, t_, as_strided_, ...) changed the value's shape; the
     # wrapper must follow or its size would lie to autograd (matmul ends with squeeze_).
@@ -167,7 +215,8 @@ def _unwrap(a, level):
 def _captured_mutation_message(func):
     return (
         f"During a grad transform (grad, vjp, jacrev, ...), the function called the in-place "
-        f"operation {func._schema.name}.{func._overloadname} on a tensor captured from outside "
-        f"the transform. Its gradient would be lost. Pass that tensor as an input of the "
-        f"transformed function, or use the out-of-place version of the operation."
+        f"operation {func._schema.name}.{func._overloadname} that would mutate a captured "
+        f"Tensor (one from outside the transform). Its gradient would be lost. Pass that "
+        f"tensor as an input of the transformed function, or use the out-of-place version of "
+        f"the operation."
     )
