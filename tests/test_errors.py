@@ -42,11 +42,11 @@ class TestErrors(expecttest.TestCase):
 
     def test_inplace_into_unbatched(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: torch.zeros(()).add_(x))(X))
-        self.assertExpectedInline(msg, """vmap: aten::add_.Tensor is an in-place operation that would write batched values into a tensor that is not batched. Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
+        self.assertExpectedInline(msg, """vmap: aten::add_.Tensor is an in-place operation that would write batched values into a tensor that is not batched (inplace aten::add_.Tensor(self, *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements than `self`). Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
 
     def test_random_with_randomness_error(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: x + torch.rand_like(x))(X))
-        self.assertExpectedInline(msg, """vmap: called random operation aten::rand_like.default under vmap with randomness='error'. Pass randomness='different' for independent draws per example or randomness='same' for one draw shared by every example.""")
+        self.assertExpectedInline(msg, """vmap: called random operation while in randomness error mode (aten::rand_like.default under vmap with randomness='error'). Pass randomness='different' for independent draws per example or randomness='same' for one draw shared by every example.""")
 
     def test_bad_randomness(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(torch.sin, randomness="fresh"))
@@ -76,13 +76,13 @@ class TestErrors(expecttest.TestCase):
 
     def test_out_dims_wrong_structure(self):
         msg = self.message(ValueError, lambda: ft.vmap(lambda x: (x, x), out_dims=(0, 0, 0))(X))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=(0, 0, 0))(<inputs>): out_dims is not compatible with the structure of the outputs. out_dims must be a prefix of the outputs' pytree structure (*, *).""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=(0, 0, 0))(<inputs>): out_dims is not compatible with the structure of `outputs`. out_dims must be a prefix of the outputs' pytree structure (*, *).""")
 
     def test_in_dims_wrong_structure(self):
         msg = self.message(
             ValueError, lambda: ft.vmap(lambda p: p[0] + p[1], in_dims=((0, 0, 0),))((X, X))
         )
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=((0, 0, 0),), out_dims=0)(<inputs>): in_dims is not compatible with the structure of the inputs. in_dims must be a prefix of the inputs' pytree structure ((*, *),).""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=((0, 0, 0),), out_dims=0)(<inputs>): in_dims is not compatible with the structure of `inputs`. in_dims must be a prefix of the inputs' pytree structure ((*, *),).""")
 
     def test_out_dim_out_of_range(self):
         msg = self.message(ValueError, lambda: ft.vmap(lambda x: x, out_dims=2)(X))

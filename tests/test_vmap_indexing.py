@@ -261,5 +261,4 @@ vmap: aten::nonzero.default returns a tensor whose shape depends on the values o
             t[i] = v
             return t
 
-        self.assertExpectedInline(self._error(f, IDX, randn(B, 4, 6)), """\
-vmap: aten::index_put_.default is an in-place operation that would write batched values into a tensor that is not batched. Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
+        self.assertExpectedInline(self._error(f, IDX, randn(B, 4, 6)), """vmap: aten::index_put_.default is an in-place operation that would write batched values into a tensor that is not batched (inplace aten::index_put_.default(self, *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements than `self`). Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")

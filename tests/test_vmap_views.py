@@ -251,12 +251,10 @@ vmap: triu: input tensor must have at least 2 dimensions per example, got 1.""")
         buf = torch.zeros(4)
         with self.assertRaises(RuntimeError) as ctx:
             ft.vmap(lambda v: buf.copy_(v))(V)
-        self.assertExpectedInline(str(ctx.exception), """\
-vmap: aten::copy_.default is an in-place operation that would write batched values into a tensor that is not batched. Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
+        self.assertExpectedInline(str(ctx.exception), """vmap: aten::copy_.default is an in-place operation that would write batched values into a tensor that is not batched (inplace aten::copy_.default(self, *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements than `self`). Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
 
     def test_fill_unbatched_with_batched(self):
         buf = torch.zeros(4)
         with self.assertRaises(RuntimeError) as ctx:
             ft.vmap(lambda s: buf.fill_(s))(S)
-        self.assertExpectedInline(str(ctx.exception), """\
-vmap: aten::fill_.Tensor is an in-place operation that would write batched values into a tensor that is not batched. Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
+        self.assertExpectedInline(str(ctx.exception), """vmap: aten::fill_.Tensor is an in-place operation that would write batched values into a tensor that is not batched (inplace aten::fill_.Tensor(self, *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements than `self`). Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")

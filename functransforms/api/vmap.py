@@ -58,7 +58,7 @@ def _flatten_in_dims(func, in_dims, out_dims, args):
     flat_in_dims = broadcast_to_and_flatten(in_dims, args_spec)
     if flat_in_dims is None:
         raise ValueError(
-            f"{call}: in_dims is not compatible with the structure of the inputs. in_dims must "
+            f"{call}: in_dims is not compatible with the structure of `inputs`. in_dims must "
             f"be a prefix of the inputs' pytree structure {structure_repr(args_spec)}."
         )
     return _check_batch_sizes(call, flat_args, flat_in_dims, args_spec)
@@ -132,7 +132,10 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
             f"vmap: randomness must be one of {_RANDOMNESS}, got {randomness!r}."
         )
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"vmap: chunk_size must be a positive int or None, got {chunk_size!r}.")
+        raise ValueError(
+            f"vmap: chunk_size should be None or greater than 0. Got {chunk_size!r}: pass a "
+            f"positive int, or None to run the whole batch at once."
+        )
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -165,7 +168,7 @@ def _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_
         flat_out_dims = broadcast_to_and_flatten(out_dims, out_spec)
         if flat_out_dims is None:
             raise ValueError(
-                f"{call}: out_dims is not compatible with the structure of the outputs. out_dims "
+                f"{call}: out_dims is not compatible with the structure of `outputs`. out_dims "
                 f"must be a prefix of the outputs' pytree structure {structure_repr(out_spec)}."
             )
         results = [
@@ -178,7 +181,12 @@ def _vmap_chunked(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, 
                   out_dims, randomness, chunk_size):
     starts = range(0, batch_size, chunk_size)
     chunk_outputs = []
+    # 'same' shares one draw between every example, so every chunk must draw it again from
+    # the same generator state (as torch.func does, for the default CPU generator).
+    rng_state = torch.get_rng_state() if randomness == "same" else None
     for start in starts:
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
         length = min(chunk_size, batch_size - start)
         chunk_args = [
             a if d is None else a.narrow(d, start, length) for a, d in zip(flat_args, flat_in_dims)

@@ -58,6 +58,9 @@ _NO_KWARGS = {}
 
 class VmapInterpreter(Interpreter):
     kind = "vmap"
+    # Filled by random_mode.py: the context that, under randomness='different', gives
+    # dropout of an unbatched input one mask per example (NOTE [Randomness]).
+    different_randomness_context = None
 
     def __init__(self, batch_size, randomness="error"):
         super().__init__()
@@ -70,18 +73,25 @@ class VmapInterpreter(Interpreter):
     def __enter__(self):
         super().__enter__()
         # See NOTE [Randomness] in random_mode.py.
-        self._mode = None
+        self._mode = self._function_mode = None
         if self.randomness != "same":
             self._mode = transform_mode_active()
             self._mode.__enter__()
+        if self.randomness == "different" and self.different_randomness_context is not None:
+            self._function_mode = self.different_randomness_context()
+            self._function_mode.__enter__()
         return self
 
     def __exit__(self, *exc):
         try:
-            if self._mode is not None:
-                self._mode.__exit__(*exc)
+            if self._function_mode is not None:
+                self._function_mode.__exit__(*exc)
         finally:
-            super().__exit__(*exc)
+            try:
+                if self._mode is not None:
+                    self._mode.__exit__(*exc)
+            finally:
+                super().__exit__(*exc)
         return False
 
     def process(self, func, args, kwargs):
@@ -213,11 +223,15 @@ class _NeedsFallback(Exception):
 def _rule_handler(rule, func):
     returned = returned_arg_positions(func)
     aliasing = aliasing_op(func)
+    # Random in-place rules check the written tensor themselves: the randomness mode's
+    # refusals come first, as in torch.func.
+    written = () if torch.Tag.nondeterministic_seeded in func.tags else [
+        i for i in returned if i is not None]
 
     def handle(interp, func, args, kwargs):
         values, bdims, tracked = interp.unwrap_args(args)
-        for i in returned:
-            if i is not None and bdims[i] is None:
+        for i in written:
+            if bdims[i] is None:
                 raise RuntimeError(inplace_into_unbatched_message(func))
         try:
             if kwargs:
@@ -344,11 +358,15 @@ def _choose_handler(func):
 def check_random(interp, func, args=(), kwargs=None):
     if (torch.Tag.nondeterministic_seeded in func.tags and interp.randomness == "error"
             and _draws(func, args, kwargs or {})):
-        raise RuntimeError(
-            f"vmap: called random operation aten::{op_name(func)} under vmap with "
-            f"randomness='error'. Pass randomness='different' for independent draws per "
-            f"example or randomness='same' for one draw shared by every example."
-        )
+        raise RuntimeError(random_in_error_mode_message(func))
+
+
+def random_in_error_mode_message(func):
+    return (
+        f"vmap: called random operation while in randomness error mode (aten::{op_name(func)} "
+        f"under vmap with randomness='error'). Pass randomness='different' for independent "
+        f"draws per example or randomness='same' for one draw shared by every example."
+    )
 
 
 def _draws(func, args, kwargs):
@@ -362,8 +380,11 @@ def _draws(func, args, kwargs):
 
 
 def inplace_into_unbatched_message(func):
+    # The parenthesis is torch.func's wording of the same refusal.
     return (
         f"vmap: aten::{op_name(func)} is an in-place operation that would write batched values "
-        f"into a tensor that is not batched. Use the out-of-place version (for example "
-        f"`y = x + z` instead of `x += z`), or make the written tensor batched too."
+        f"into a tensor that is not batched (inplace aten::{op_name(func)}(self, *extra_args) is "
+        f"not possible because there exists a Tensor `other` in extra_args that has more "
+        f"elements than `self`). Use the out-of-place version (for example `y = x + z` instead "
+        f"of `x += z`), or make the written tensor batched too."
     )
