@@ -181,12 +181,15 @@ def test_view_writes_through():
     torch.testing.assert_close(ft.vmap(f)(X), torch.func.vmap(f)(X))
 
 
-def test_view_of_moved_batch_dim_reshapes():
-    # Per example (2, 4) with the batch dim moved in from in_dims=1: the physical value
-    # cannot be viewed as is.
+def test_view_the_example_layout_refuses_raises():
+    # Per example (2, 4) with strides (12, 1) (in_dims=1): eager refuses view(8) on such a
+    # tensor, and so do torch.func and vmap, rather than silently copying.
     x = torch.randn(2, 3, 4)
-    got = ft.vmap(lambda t: t.view(8), in_dims=1)(x)
-    torch.testing.assert_close(got, x.movedim(1, 0).reshape(3, 8))
+    for vmap in (ft.vmap, torch.func.vmap):
+        with pytest.raises(RuntimeError, match="view size is not compatible"):
+            vmap(lambda t: t.view(8), in_dims=1)(x)
+    torch.testing.assert_close(ft.vmap(lambda t: t.reshape(8), in_dims=1)(x),
+                               x.movedim(1, 0).reshape(3, 8))
 
 
 def test_scalar_examples():
@@ -198,10 +201,12 @@ def test_scalar_examples():
 
 
 def test_channels_last_layout():
-    out = ft.vmap(lambda t: (t.contiguous(memory_format=torch.channels_last)
-                             .is_contiguous(memory_format=torch.channels_last)),
-                  out_dims=None)(M4)
-    assert out
+    out = ft.vmap(lambda t: t.contiguous(memory_format=torch.channels_last))(M4)
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in out)
+    # Querying it inside is refused, as in torch.func.
+    for vmap in (ft.vmap, torch.func.vmap):
+        with pytest.raises(RuntimeError, match="NYI: querying is_contiguous inside of vmap"):
+            vmap(lambda t: t.is_contiguous(memory_format=torch.channels_last))(M4)
 
 
 def test_new_factories_are_batched():

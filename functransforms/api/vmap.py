@@ -46,13 +46,14 @@ def _flatten_in_dims(func, in_dims, out_dims, args):
         return _check_batch_sizes(call, list(args), flat_in_dims, None)
     if not isinstance(in_dims, (int, tuple)) and in_dims is not None:
         raise ValueError(
-            f"{call}: expected `in_dims` to be an int or a (potentially nested) tuple matching "
+            f"{call}: expected `in_dims` to be int or a (potentially nested) tuple matching "
             f"the structure of the inputs, got {type(in_dims).__name__}."
         )
     if isinstance(in_dims, tuple) and len(in_dims) != len(args):
         raise ValueError(
-            f"{call}: in_dims has {len(in_dims)} entries but {len(args)} positional "
-            f"argument(s) were passed. Give one in_dim per positional argument."
+            f"{call}: in_dims is not compatible with the structure of `inputs`: in_dims has "
+            f"{len(in_dims)} entries but {len(args)} positional argument(s) were passed. Give "
+            f"one in_dim per positional argument."
         )
     flat_args, args_spec = tree_flatten(args)
     flat_in_dims = broadcast_to_and_flatten(in_dims, args_spec)
@@ -73,24 +74,32 @@ def _check_batch_sizes(call, flat_args, flat_in_dims, args_spec):
             raise ValueError(f"{call}: in_dims must contain only ints and None, got {in_dim!r}.")
         if not isinstance(arg, torch.Tensor):
             raise ValueError(
-                f"{call}: got in_dim={in_dim} for an input of type {type(arg).__name__}. vmap can "
-                f"only map over Tensors; use None as the in_dim of non-Tensor inputs."
+                f"{call}: Got in_dim={in_dim} for an input but the input is of type "
+                f"{type(arg).__name__}. vmap can only map over Tensors; use None as the in_dim "
+                f"of non-Tensor inputs."
             )
         if not -arg.dim() <= in_dim < arg.dim():
             raise ValueError(
-                f"{call}: got in_dim={in_dim} for an input with {arg.dim()} dims; in_dim must "
-                f"satisfy {-arg.dim()} <= in_dim < {arg.dim()}."
+                f"{call}: Got in_dim={in_dim} for some input, but that input is a Tensor of "
+                f"dimensionality {arg.dim()}; in_dim must satisfy {-arg.dim()} <= in_dim < "
+                f"{arg.dim()}."
             )
         batch_sizes.append(arg.size(in_dim))
     if not batch_sizes:
+        if not flat_args:
+            raise ValueError(
+                f"{call}: got no inputs. Pass at least one Tensor to map over (a function of "
+                f"no inputs has nothing to vmap)."
+            )
         raise ValueError(
-            f"{call}: at least one input must be a Tensor mapped over (all in_dims were None "
-            f"or no Tensor was passed)."
+            f"{call}: at least one Tensor must be mapped over, but all in_dims were None or no "
+            f"Tensor was passed. Give a Tensor input an integer in_dim."
         )
     if any(b != batch_sizes[0] for b in batch_sizes):
         raise ValueError(
-            f"{call}: expected every mapped input to have the same size in its mapped dimension, "
-            f"got sizes {batch_sizes}."
+            f"{call}: Expected all tensors to have the same size in the mapped dimension, got "
+            f"sizes {batch_sizes} for the mapped inputs. Map over dimensions of one size, or "
+            f"pass the odd input with in_dim None."
         )
     return flat_args, flat_in_dims, args_spec, batch_sizes[0]
 
@@ -99,25 +108,38 @@ def _unbatch_output(level, out, out_dim, batch_size, call):
     if out_dim is None:
         if isinstance(out, LevelTensor) and out._level is level:
             raise ValueError(
-                f"{call}: out_dims is None for an output that depends on the mapped inputs. "
-                f"Only outputs that are the same for every example can use out_dims=None."
+                f"{call}: out_dims is None for an output that depends on the mapped inputs (vmap "
+                f"can not return a BatchedTensor when out_dim is None). Only outputs that are the "
+                f"same for every example can use out_dims=None."
             )
         return out
     if not isinstance(out, torch.Tensor):
         raise ValueError(
-            f"{call}: `f` must only return Tensors, got {type(out).__name__}. Set its out_dim "
-            f"to None to return it unbatched."
+            f"{call}: `f` must only return Tensors, got type {type(out)}. Set its out_dim to "
+            f"None to return it unbatched."
         )
     if not -(out.dim() + 1) <= out_dim < out.dim() + 1:
-        raise ValueError(
-            f"{call}: out_dim={out_dim} is out of range for an output with {out.dim()} dims "
-            f"per example."
+        # IndexError, as torch.func's (it comes from movedim there).
+        raise IndexError(
+            f"{call}: Dimension out of range: out_dim={out_dim} is out of range for an output "
+            f"with {out.dim()} dims per example (expected {-(out.dim() + 1)} <= out_dim < "
+            f"{out.dim() + 1})."
         )
     if isinstance(out, LevelTensor) and out._level is level:
         value = out._value
     else:
         value = out.unsqueeze(0).expand(batch_size, *out.shape)
     return value if out_dim == 0 else value.movedim(0, out_dim)
+
+
+def _valid_out_dims(out_dims):
+    if out_dims is None or type(out_dims) is int:
+        return True
+    if isinstance(out_dims, (tuple, list)):
+        return all(_valid_out_dims(d) for d in out_dims)
+    if isinstance(out_dims, dict):
+        return all(_valid_out_dims(d) for d in out_dims.values())
+    return False
 
 
 def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
@@ -135,6 +157,14 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
         raise ValueError(
             f"vmap: chunk_size should be None or greater than 0. Got {chunk_size!r}: pass a "
             f"positive int, or None to run the whole batch at once."
+        )
+
+    if not _valid_out_dims(out_dims):
+        raise ValueError(
+            f"vmap({getattr(func, '__name__', func)}, in_dims={in_dims!r}, "
+            f"out_dims={out_dims!r}): `out_dims` must be an int, None or a python collection of "
+            f"ints (nested like the outputs) saying where in each output the mapped dimension "
+            f"goes."
         )
 
     @functools.wraps(func)
@@ -162,8 +192,12 @@ def _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_
         # args_spec is None when every argument was a Tensor (see _flat_in_dims_fast).
         inputs = batched if args_spec is None else tree_unflatten(batched, args_spec)
         output = func(*inputs, **kwargs)
-        if isinstance(output, torch.Tensor) and type(out_dims) is int:
-            return _unbatch_output(level, output, out_dims, batch_size, call)
+        if isinstance(output, torch.Tensor):
+            if type(out_dims) is int:
+                return _unbatch_output(level, output, out_dims, batch_size, call)
+            if type(out_dims) is tuple and len(out_dims) == 1:
+                # torch.func accepts out_dims=(d,) for a function returning one Tensor.
+                return _unbatch_output(level, output, out_dims[0], batch_size, call)
         flat_out, out_spec = tree_flatten(output)
         flat_out_dims = broadcast_to_and_flatten(out_dims, out_spec)
         if flat_out_dims is None:

@@ -42,6 +42,17 @@ class BatchedTensor(LevelTensor):
     def __repr__(self, *, tensor_contents=None):
         return f"BatchedTensor(level={self._level.depth}, bdim=0, value={self._value!r})"
 
+    def is_contiguous(self, memory_format=torch.contiguous_format):
+        # Python-level callers only (C++ reads the wrapper's strides). Channels-last
+        # contiguity of one example is refused, as torch.func does.
+        if memory_format is not torch.contiguous_format and self._level.alive:
+            raise RuntimeError(
+                f"vmap: NYI: querying is_contiguous inside of vmap for memory_format other "
+                f"than torch.contiguous_format (got {memory_format}). Query it outside vmap, "
+                f"or make the layout explicit with .contiguous(memory_format=...)."
+            )
+        return super().is_contiguous(memory_format=memory_format)
+
     def tolist(self):
         # torch refuses .tolist() on any subclass before dispatch, with a message that does
         # not say why or what to do; under vmap the reason is the same as for .item().
@@ -172,6 +183,12 @@ class VmapInterpreter(Interpreter):
                 f"vmap: there is no batching rule for the view operation aten::{op_name(func)}, "
                 f"and running it once per example cannot return (or reshape) a view. Use the "
                 f"op's *_copy variant or an out-of-place formulation."
+            )
+        if self.batch_size == 0:
+            raise RuntimeError(
+                f"vmap: aten::{op_name(func)} has no batching rule, and running it once per "
+                f"example cannot give a result's shape with no examples (The fallback path "
+                f"does not support vmap over dims of size 0). Map over a non-empty dimension."
             )
         note_fallback(func)
         check_random(self, func, args, kwargs)

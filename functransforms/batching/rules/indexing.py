@@ -399,8 +399,9 @@ def _refuse(message):
 
 
 batch_rule(aten._local_scalar_dense.default)(_refuse(
-    "vmap: aten::{op} turns a batched tensor into a Python number (.item(), float(), int(), "
-    "bool() or Python control flow such as `if x.sum() > 0:`). Every example has "
+    "vmap: aten::{op} turns a batched tensor into a Python number (calling .item() on a "
+    "Tensor, float(), int(), bool(), or using it in data-dependent control flow such as "
+    "`if x.sum() > 0:`). Every example has "
     "its own value, so there is no single number to return. Keep the computation in tensors: "
     "use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap."
 ))
@@ -411,6 +412,10 @@ _DYNAMIC_SHAPE = (
     "instead: torch.where(mask, x, 0) in place of x[mask] or masked_select, or "
     "torch.nonzero_static(x, size=...) in place of nonzero."
 )
-batch_rule(aten.nonzero.default, aten._unique.default, aten._unique2.default,
+batch_rule(aten.nonzero.default)(_refuse(_DYNAMIC_SHAPE.replace(
+    "depends on the values of its input,",
+    "depends on the values of its input (Attempted to vmap over aten::where(condition) or "
+    "aten::nonzero, which torch.where(condition) and torch.nonzero run),")))
+batch_rule(aten._unique.default, aten._unique2.default,
            aten.unique_dim.default, aten.unique_consecutive.default,
            aten.unique_dim_consecutive.default)(_refuse(_DYNAMIC_SHAPE))

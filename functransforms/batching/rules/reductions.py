@@ -114,3 +114,10 @@ def aminmax(interp, func, args, bdims, kwargs):
     if rank == 0:
         return drop_scalar_dim(func(x.unsqueeze(1), dim=1, keepdim=keepdim)), 0
     return func(x, dim=physical_dim(dim, rank), keepdim=keepdim), 0
+
+
+@batch_rule(aten._is_all_true.default, aten._is_any_true.default)
+def is_all_or_any_true(interp, func, args, bdims, kwargs):
+    # torch's checks (TORCH_CHECK_TENSOR_ALL) read the answer with .item(): as in torch.func,
+    # it is one unbatched answer for the whole batch.
+    return func(args[0]), None

@@ -161,10 +161,16 @@ def view(interp, func, args, bdims, kwargs):
     try:
         return func(x, physical), 0
     except RuntimeError:
-        # When the example's strides allow the view, the physical value allows it too; a
-        # failure means the example's strides differ from eager's (rules and in_dims != 0
-        # do not reproduce eager layouts), so copy rather than fail where eager would not.
-        # The price: a view eager itself refuses also becomes a copy instead of an error.
+        # An example whose own strides refuse the view is refused, as eager (and
+        # torch.func) would: a copy would silently stop being a view.
+        example = torch.empty_strided(x.shape[1:], x.stride()[1:], dtype=x.dtype,
+                                      device="meta")
+        try:
+            example.view(shape)
+        except RuntimeError as e:
+            raise RuntimeError(f"vmap: {e}") from None
+        # The example allows it but the batch dim's stride does not (the batch sits
+        # inside the example's memory, e.g. in_dims=1): only a copy can give the shape.
         return x.reshape(physical), 0
 
 
@@ -202,14 +208,21 @@ def expand(interp, func, args, bdims, kwargs):
 def squeeze(interp, func, args, bdims, kwargs):
     x = args[0]
     rank = x.dim() - 1
+    wanted = [] if len(args) == 1 else [args[1]] if isinstance(args[1], int) else args[1]
+    for d in wanted:
+        if not -max(rank, 1) <= d < max(rank, 1):
+            # RuntimeError, as torch.func's (eager raises IndexError).
+            raise RuntimeError(
+                f"vmap: squeeze: Dimension out of range (expected to be in range of "
+                f"[{-max(rank, 1)}, {max(rank, 1) - 1}], but got {d}) for an example of "
+                f"{rank} dims."
+            )
     if len(args) == 1:
         dims = [i for i in range(1, x.dim()) if x.shape[i] == 1]
     elif rank == 0:
         dims = []
-    elif isinstance(args[1], int):
-        dims = [physical_dim(args[1], rank)]
     else:
-        dims = [physical_dim(d, rank) for d in args[1]]
+        dims = [physical_dim(d, rank) for d in wanted]
     return aten.squeeze.dims(x, dims), 0
 
 
@@ -281,8 +294,19 @@ def with_memory_format(x, memory_format, make):
     Channels-last formats are defined for 4-/5-dim tensors; the physical value has one dim
     more, so the channel dim is moved last, the copy made contiguous, and the view moved back.
     """
-    if memory_format not in _CHANNELS_LAST or x.dim() - 1 != _CHANNELS_LAST[memory_format]:
+    if memory_format not in _CHANNELS_LAST:
         return make(x, memory_format)
+    if x.dim() - 1 != _CHANNELS_LAST[memory_format]:
+        # The physical value might have the right rank: the format would then be laid
+        # across the batch dim. The parenthesis holds torch.func's wordings (it refuses
+        # every channels-last format under vmap, from clone and from contiguous).
+        raise RuntimeError(
+            f"vmap: required rank {_CHANNELS_LAST[memory_format]} tensor to use "
+            f"{str(memory_format).replace('torch.', '')} format, got an example of rank "
+            f"{x.dim() - 1} (torch.func: NYI: querying is_contiguous inside of vmap for "
+            f"memory_format other than torch.contiguous_format; clone is only supported with "
+            f"memory_format torch.preserve_format or torch.contiguous_format)."
+        )
     out = make(x.movedim(2, -1), torch.contiguous_format)
     return out.movedim(-1, 2)
 
