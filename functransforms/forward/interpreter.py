@@ -30,6 +30,10 @@ aten = torch.ops.aten
 
 
 class DualTensor(LevelTensor):
+    # True when the tangent object is also another dual's tangent (a rule handed back an
+    # input's tangent, ``x + c``): an in-place op must not write into it.
+    _tangent_shared = False
+
     @staticmethod
     def __new__(cls, primal, tangent, level):
         self = LevelTensor._make(cls, primal, level, primal.shape, primal.stride())
@@ -116,7 +120,10 @@ def _rule_handler(rule):
                 return func(*primals, **kwargs)
         with lowering(None):
             out, out_tangent = rule(func, primals, tangents, kwargs)
-        return interp.wrap_out(out, out_tangent)
+        out = interp.wrap_out(out, out_tangent)
+        if type(out) is DualTensor and any(out._tangent is t for t in tangents):
+            out._tangent_shared = True
+        return out
 
     return handle
 
@@ -142,15 +149,20 @@ def _inplace_via_functional(functional):
             elif tangent.dtype != target.dtype:
                 tangent = tangent.to(target.dtype)
             # NOTE [In-place tangents]: a view of a dual carries the same view of its
-            # tangent (forward/rules/linear.py), so a write through the view (buf[0] = x)
-            # must write into that tangent for the base to see it. Any other target gets its
-            # tangent rebound instead: a rule may hand back an input's tangent object as its
-            # result's tangent, and writing into it would corrupt another dual.
+            # tangent (forward/rules/linear.py), so a write into a dual must write into its
+            # tangent, as torch's forward AD does: views taken before (of the base, or the
+            # base of a view) then see the new tangent. Only a tangent that is another
+            # dual's too (``_tangent_shared``) or cannot hold the new one (expanded,
+            # unbatched under a batched write) is replaced, by a copy the dual owns.
             old = target._tangent
-            if target._value._base is not None and old is not None and old._base is not None:
-                old.copy_(tangent)
-                return target
-        target._tangent = tangent
+            if old is not None and not target._tangent_shared:
+                try:
+                    old.copy_(tangent)
+                    return target
+                except RuntimeError:
+                    pass
+            target._tangent = tangent.clone()
+            target._tangent_shared = False
         return target
 
     return handle
