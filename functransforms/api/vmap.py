@@ -1,8 +1,10 @@
 """vmap: the public batching transform, its in_dims/out_dims handling and chunking."""
 import functools
+import threading
 
 import torch
 
+from ..batching.fallback import note_nested_loop
 from ..batching.interpreter import BatchedTensor, VmapInterpreter
 from ..core.wrapper import LevelTensor
 from .pytree import broadcast_to_and_flatten, structure_repr, tree_flatten, tree_unflatten
@@ -67,11 +69,21 @@ def _flatten_in_dims(func, in_dims, out_dims, args):
 
 def _check_batch_sizes(call, flat_args, flat_in_dims, args_spec):
     batch_sizes = []
+    nested = False
     for arg, in_dim in zip(flat_args, flat_in_dims):
         if in_dim is None:
             continue
         if not isinstance(in_dim, int):
             raise ValueError(f"{call}: in_dims must contain only ints and None, got {in_dim!r}.")
+        if isinstance(arg, torch.Tensor) and arg.is_nested:
+            if in_dim != 0:
+                raise RuntimeError(
+                    f"{call}: Nested tensors can only be vmapped over dim=0 (their components), "
+                    f"got in_dim={in_dim}."
+                )
+            nested = True
+            batch_sizes.append(arg.size(0))
+            continue
         if not isinstance(arg, torch.Tensor):
             raise ValueError(
                 f"{call}: Got in_dim={in_dim} for an input but the input is of type "
@@ -101,7 +113,7 @@ def _check_batch_sizes(call, flat_args, flat_in_dims, args_spec):
             f"sizes {batch_sizes} for the mapped inputs. Map over dimensions of one size, or "
             f"pass the odd input with in_dim None."
         )
-    return flat_args, flat_in_dims, args_spec, batch_sizes[0]
+    return flat_args, flat_in_dims, args_spec, batch_sizes[0], nested
 
 
 def _unbatch_output(level, out, out_dim, batch_size, call):
@@ -169,9 +181,18 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        flat_args, flat_in_dims, args_spec, batch_size = _flatten_in_dims(
+        if getattr(_nested_loop, "active", False):
+            raise RuntimeError(
+                f"vmap: vmap called inside a vmap over nested tensors (Only one level of vmap "
+                f"is supported when mapping over nested tensors). Map over the nested tensor "
+                f"in the innermost vmap only."
+            )
+        flat_args, flat_in_dims, args_spec, batch_size, nested = _flatten_in_dims(
             func, in_dims, out_dims, args
         )
+        if nested:
+            return _vmap_nested(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size,
+                                in_dims, out_dims)
         if chunk_size is None or chunk_size >= batch_size:
             return _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size,
                               in_dims, out_dims, randomness)
@@ -208,6 +229,53 @@ def _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_
         results = [
             _unbatch_output(level, o, d, batch_size, call) for o, d in zip(flat_out, flat_out_dims)
         ]
+    return tree_unflatten(results, out_spec)
+
+
+# NOTE [vmap over nested tensors]: the examples of a nested tensor have different shapes,
+# which no BatchedTensor can describe; as in torch.func (whose fallback does the same),
+# ``f`` runs once per component on dense tensors and the results are nested again.
+_nested_loop = threading.local()
+
+
+def _vmap_nested(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_dims,
+                 out_dims):
+    call = _CallRepr(func, in_dims, out_dims)
+    for arg, d in zip(flat_args, flat_in_dims):
+        if d not in (None, 0):
+            raise RuntimeError(
+                f"{call}: an input mapped over dim {d} next to nested tensors (Fallback not "
+                f"supported for mixed nested / non-nested arguments without bdim=0). Map every "
+                f"input over dim 0."
+            )
+    note_nested_loop()
+    examples = [None if d is None else arg.unbind(0) for arg, d in zip(flat_args, flat_in_dims)]
+    outputs = []
+    _nested_loop.active = True
+    try:
+        for i in range(batch_size):
+            flat = [arg if ex is None else ex[i] for arg, ex in zip(flat_args, examples)]
+            outputs.append(func(*(flat if args_spec is None else tree_unflatten(flat, args_spec)),
+                                **kwargs))
+    finally:
+        _nested_loop.active = False
+    flat_outputs = [tree_flatten(o)[0] for o in outputs]
+    out_spec = tree_flatten(outputs[0])[1]
+    flat_out_dims = broadcast_to_and_flatten(out_dims, out_spec)
+    if flat_out_dims is None:
+        raise ValueError(
+            f"{call}: out_dims is not compatible with the structure of `outputs`. out_dims must "
+            f"be a prefix of the outputs' pytree structure {structure_repr(out_spec)}."
+        )
+    if any(d not in (None, 0) for d in flat_out_dims):
+        raise RuntimeError(
+            f"{call}: Nested tensors can only be vmapped over dim=0: their results are nested "
+            f"tensors of one component per example. Use out_dims=0."
+        )
+    results = [
+        outs[0] if d is None else torch.nested.as_nested_tensor(list(outs))
+        for d, outs in zip(flat_out_dims, zip(*flat_outputs))
+    ]
     return tree_unflatten(results, out_spec)
 
 
