@@ -20,10 +20,17 @@ def autograd_grad(level, outputs, inputs, grad_outputs, retain_graph=False):
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
     if not pairs:
         return tuple(torch.zeros_like(i) for i in inputs)
+    # NOTE [Backward of captured tensors]: the engine runs backward formulas with grad mode
+    # set to create_graph. Off is enough (and cheaper) while every formula touches one of
+    # this level's tensors or the lifted cotangents, whose ops are lowered and recorded
+    # below; a formula on a captured tracked tensor alone (``weight.t()`` in mm's) is
+    # recorded only with grad mode on, as torch.func always runs it.
+    create_graph = level.captures_tracked and level.prev_grad_mode
     level.in_backward = True
     try:
         grads = _ENGINE.run_backward(
-            tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain_graph, False,
+            tuple(o for o, _ in pairs), tuple(g for _, g in pairs),
+            retain_graph or create_graph, create_graph,
             tuple(inputs), True, False,  # allow_unreachable, accumulate_grad
         )
     finally:
