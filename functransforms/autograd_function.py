@@ -25,6 +25,7 @@ import threading
 from typing import NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 
 from .batching.interpreter import BatchedTensor, VmapInterpreter
 from .core.wrapper import LevelTensor
@@ -275,20 +276,16 @@ def _vmap_rule(level, spec, args):
 
 
 def _wrap_batched(level, spec, out, out_dims):
-    single = not isinstance(out, (tuple, list))
-    outs = (out,) if single else tuple(out)
-    if isinstance(out_dims, (tuple, list)) and not single:
-        dims = tuple(out_dims)
-    elif isinstance(out_dims, (tuple, list)) and single and len(out_dims) == 1:
-        dims = tuple(out_dims)
-    elif out_dims is None or isinstance(out_dims, int):
-        dims = (out_dims,) * len(outs)
-    else:
-        dims = ()
-    if len(dims) != len(outs):
+    # As in torch.func, out_dims must be a prefix of the output's pytree (a tuple for a
+    # tuple, not for a single Tensor or a list).
+    outs, out_spec = pytree.tree_flatten(out)
+    dims = pytree._broadcast_to_and_flatten(out_dims, out_spec)
+    if dims is None or not all(d is None or type(d) is int for d in dims):
         raise RuntimeError(
-            f"vmap: {_name(spec)}.vmap returned {len(outs)} output(s) but out_dims "
-            f"{out_dims!r} does not give one out_dim (int or None) per output."
+            f"vmap: {_name(spec)}.vmap returned an incompatible (output, out_dims) tuple: "
+            f"out_dims={out_dims!r} does not match the structure of the output "
+            f"({' '.join(str(out_spec).split())}). "
+            f"Give out_dims that structure, with an int or None per output Tensor."
         )
     wrapped = []
     for o, d in zip(outs, dims):
@@ -298,7 +295,7 @@ def _wrap_batched(level, spec, out, out_dims):
         with level.lower():
             value = o.movedim(d, 0) if d != 0 else o
         wrapped.append(BatchedTensor(value, level))
-    return wrapped[0] if single else type(out)(wrapped)
+    return pytree.tree_unflatten(wrapped, out_spec)
 
 
 def _vmap_generated(level, spec, args):

@@ -402,4 +402,4 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as err:
             ft.vmap(BadDims.apply)(X)
-        self.assertExpectedInline(str(err.exception), """vmap: BadDims.vmap returned 2 output(s) but out_dims (0,) does not give one out_dim (int or None) per output.""")
+        self.assertExpectedInline(str(err.exception), """vmap: BadDims.vmap returned an incompatible (output, out_dims) tuple: out_dims=(0,) does not match the structure of the output (TreeSpec(tuple, None, [*, *])). Give out_dims that structure, with an int or None per output Tensor.""")
