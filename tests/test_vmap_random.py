@@ -322,3 +322,14 @@ class TestDrawsMatchTorchFunc(expecttest.TestCase):
             shared = ft.vmap(lambda _: dropout(x, 0.5, training=True),
                              randomness="same")(torch.randn(B))
             self.assertTrue((shared == shared[0]).all())
+
+
+def test_jacfwd_respects_randomness():
+    # jacfwd vmaps over tangents only: the random op reaches the jvp level with an
+    # unbatched primal, and is still refused in 'error' mode, as in torch.func.
+    x = torch.rand(3, 4)
+    for jacfwd in (ft.jacfwd, torch.func.jacfwd):
+        with pytest.raises(RuntimeError, match="called random operation while in randomness error mode"):
+            jacfwd(torch.bernoulli)(x)
+        for randomness in ("same", "different"):
+            assert jacfwd(torch.bernoulli, randomness=randomness)(x).shape == (3, 4, 3, 4)

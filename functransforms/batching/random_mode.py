@@ -30,7 +30,9 @@ from ..core.levels import level_stack
 from ..core.mode import register_random_handler
 from .fallback import op_name
 from ..core.wrapper import LevelTensor
-from .interpreter import BatchedTensor, VmapInterpreter, random_in_error_mode_message
+from .interpreter import (
+    BatchedTensor, VmapInterpreter, check_random, random_in_error_mode_message,
+)
 from .rules.random import random_factory
 
 
@@ -125,5 +127,13 @@ class _dropout_draws_per_example:
         return False
 
 
-register_random_handler(unbatched_random)
+def refuse_in_error_mode(func, args, kwargs):
+    """A random op that a jvp or grad level handles (jacfwd's tangents are batched, its
+    primals are not) is still a random op under the vmap levels below."""
+    for lvl in level_stack():
+        if lvl.kind == "vmap" and lvl.alive:
+            check_random(lvl, func, args, kwargs)
+
+
+register_random_handler(unbatched_random, check=refuse_in_error_mode)
 VmapInterpreter.different_randomness_context = _dropout_draws_per_example
