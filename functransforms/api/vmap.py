@@ -16,10 +16,11 @@ class _CallRepr:
     """``vmap(f, in_dims=..., out_dims=...)(<inputs>)`` for error messages, built only when
     a message is (reprs of in_dims on every call would be a measurable cost)."""
 
-    __slots__ = ("func", "in_dims", "out_dims")
+    __slots__ = ("func", "in_dims", "out_dims", "moved")
 
     def __init__(self, func, in_dims, out_dims):
         self.func, self.in_dims, self.out_dims = func, in_dims, out_dims
+        self.moved = None
 
     def __format__(self, spec):
         name = getattr(self.func, "__name__", repr(self.func))
@@ -141,7 +142,13 @@ def _unbatch_output(level, out, out_dim, batch_size, call):
         value = out._value
     else:
         value = out.unsqueeze(0).expand(batch_size, *out.shape)
-    return value if out_dim == 0 else value.movedim(0, out_dim)
+    if out_dim == 0:
+        return value
+    if call.moved:
+        original, in_dim = call.moved.get(id(value), (None, None))
+        if original is not None and in_dim == out_dim % value.dim():
+            return original
+    return value.movedim(0, out_dim)
 
 
 def _valid_out_dims(out_dims):
@@ -210,6 +217,11 @@ def _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_
             a if d is None else BatchedTensor(a.movedim(d, 0) if d != 0 else a, level)
             for a, d in zip(flat_args, flat_in_dims)
         ]
+        if any(d for d in flat_in_dims):
+            # An input returned as is, with out_dim equal to its in_dim, comes back as the
+            # very tensor passed in (torch.func keeps the batch dim where it was).
+            call.moved = {id(b._value): (a, d % a.dim()) for a, b, d in
+                          zip(flat_args, batched, flat_in_dims) if d}
         # args_spec is None when every argument was a Tensor (see _flat_in_dims_fast).
         inputs = batched if args_spec is None else tree_unflatten(batched, args_spec)
         output = func(*inputs, **kwargs)

@@ -90,7 +90,17 @@ for _names, _ops in _DIM_OPS.items():
     for _op in _ops:
         register_rule(_op, dims_rule(dims=_names))
 
-register_rule(aten.transpose.int, dims_rule(dims=("dim0", "dim1"), scalar_ok=True))
+_transpose = dims_rule(dims=("dim0", "dim1"), scalar_ok=True)
+
+
+@batch_rule(aten.transpose.int)
+def transpose(interp, func, args, bdims, kwargs):
+    if args[0].dim() == 1:
+        # A 0-dim example: as in torch.func, the input itself comes back.
+        return args[0], 0
+    return _transpose(interp, func, args, bdims, kwargs)
+
+
 register_rule(aten.transpose_copy.int, dims_rule(dims=("dim0", "dim1"), scalar_ok=True))
 register_rule(aten.flip.default, dims_rule(dim_lists=("dims",), scalar_ok=True))
 register_rule(aten.rot90.default, dims_rule(dim_lists=("dims",)))
@@ -136,7 +146,30 @@ def as_strided(interp, func, args, bdims, kwargs):
     storage_offset is given)."""
     x, size, stride = args[0], args[1], args[2]
     offset = args[3] if len(args) > 3 and args[3] is not None else x.storage_offset()
+    if len(size) != len(stride):
+        raise RuntimeError(
+            f"vmap: as_strided: size and stride must have the same length, got size {list(size)} "
+            f"and stride {list(stride)}."
+        )
+    # Each example may only read its own memory: the loop's meaning breaks otherwise (the
+    # read would reach into the next example).
+    example = _extent(x.shape[1:], x.stride()[1:])
+    view = _extent(size, stride)
+    start = offset - x.storage_offset()
+    if view is not None and (example is None or start < 0 or start + view > example):
+        raise RuntimeError(
+            f"vmap: as_strided(size={list(size)}, stride={list(stride)}, storage_offset="
+            f"{offset}) would read memory outside the example it is called on (This is not "
+            f"supported inside of vmap). Use view/reshape/narrow, or index the example."
+        )
     return func(x, [x.shape[0], *size], [x.stride(0), *stride], offset), 0
+
+
+def _extent(sizes, strides):
+    """Largest element offset a (sizes, strides) view reaches; None if it has no element."""
+    if any(s == 0 for s in sizes):
+        return None
+    return sum((s - 1) * st for s, st in zip(sizes, strides))
 
 
 @batch_rule(aten.permute.default, aten.permute_copy.default)
@@ -256,6 +289,11 @@ def alias(interp, func, args, bdims, kwargs):
             aten.view_as_complex_copy.default, aten._neg_view_copy.default)
 def trailing_dims_only(interp, func, args, bdims, kwargs):
     # These reinterpret (or lazily flip) elements and the last dim, never the leading one.
+    if args[0].dim() == 1 and func in (aten.view_as_complex.default,
+                                       aten.view_as_complex_copy.default):
+        # The physical last dim would be the batch dim.
+        raise RuntimeError("vmap: view_as_complex: Input tensor must have one or more "
+                           "dimensions per example, got a 0-dim example.")
     return func(*args, **kwargs), 0
 
 
