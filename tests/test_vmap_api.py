@@ -191,3 +191,18 @@ def test_gru_with_batched_initial_state():
 
     expected = torch.stack([f(x[i], h0[i]) for i in range(5)])
     torch.testing.assert_close(ft.vmap(f)(x, h0), expected)
+
+
+def test_data_attribute_is_refused_like_torch_func():
+    def read(x):
+        return x.data
+
+    def write(x):
+        x.data = torch.ones(3)
+        return x
+
+    for vmap in (ft.vmap, torch.func.vmap):
+        with pytest.raises(RuntimeError, match="accessing `data` under vmap transform"):
+            vmap(read)(torch.randn(2, 3))
+        with pytest.raises(RuntimeError, match="mutating directly with `.data` under vmap"):
+            vmap(write)(torch.randn(2, 3))

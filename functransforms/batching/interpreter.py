@@ -42,6 +42,27 @@ class BatchedTensor(LevelTensor):
     def __repr__(self, *, tensor_contents=None):
         return f"BatchedTensor(level={self._level.depth}, bdim=0, value={self._value!r})"
 
+    # ``.data`` would hand out (or replace) the batched value behind autograd's back; refused
+    # while the level runs, as torch.func does.
+    @property
+    def data(self):
+        if self._level.alive:
+            raise RuntimeError(
+                "vmap: accessing `data` under vmap transform is not allowed: it would detach "
+                "a batched tensor from autograd. Use x.detach() instead."
+            )
+        return self._value.data
+
+    @data.setter
+    def data(self, value):
+        if not self._level.alive:
+            torch.Tensor.data.__set__(self, value)
+            return
+        raise RuntimeError(
+            "vmap: mutating directly with `.data` under vmap transform is not allowed. Use "
+            "x.copy_(value) (with torch.no_grad() if needed) instead."
+        )
+
     def is_contiguous(self, memory_format=torch.contiguous_format):
         # Python-level callers only (C++ reads the wrapper's strides). Channels-last
         # contiguity of one example is refused, as torch.func does.
