@@ -29,7 +29,7 @@ import functransforms as ft
 # package imports as a top-level one.
 from workloads import (
     ensembling, forward_mode, grad_micro, jacobian_shapes, jacobians, memory, overhead,
-    per_sample_grads,
+    per_sample_grads, scale_out,
 )
 from workloads.harness import ORACLE, OURS, Settings, peer_versions
 
@@ -44,6 +44,7 @@ FAMILIES = {
     "grad_micro": grad_micro,
     "overhead": overhead,
     "memory": memory,
+    "scale_out": scale_out,
 }
 SLOW_RATIO = 1.5
 

@@ -23,11 +23,29 @@ from . import autograd_function as _autograd_function  # noqa: F401  (hooks Func
 from .api.functionalize import functionalize
 from .api.debug import debug_unwrap
 from .api.capture import capture
+from .api.collectives import (
+    all_gather,
+    axis_index,
+    axis_size,
+    pmax,
+    pmean,
+    pmin,
+    process_axis,
+    psum,
+)
 
 __all__ = [
     "functionalize",
     "debug_unwrap",
     "capture",
+    "psum",
+    "pmean",
+    "pmax",
+    "pmin",
+    "all_gather",
+    "axis_index",
+    "axis_size",
+    "process_axis",
     "grad",
     "grad_and_value",
     "vjp",

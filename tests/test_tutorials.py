@@ -19,6 +19,7 @@ EXPECTED = [
     "05_neural_tangent_kernels",
     "06_maml",
     "07_dp_sgd",
+    "09_named_axes",
 ]
 CELL_TIMEOUT_S = 120
 

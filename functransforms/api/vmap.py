@@ -161,8 +161,11 @@ def _valid_out_dims(out_dims):
     return False
 
 
-def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
+def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None, axis_name=None):
     """Map ``func`` over dimension ``in_dims`` of its inputs, as if it ran once per example.
+
+    ``axis_name`` names the mapped axis for the collectives (``ft.psum(x, axis_name)``, ...)
+    called inside ``func``, as in JAX's vmap.
 
     >>> x = torch.randn(3, 5)
     >>> vmap(torch.dot)(x, x).shape
@@ -177,6 +180,24 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
             f"vmap: chunk_size should be None or greater than 0. Got {chunk_size!r}: pass a "
             f"positive int, or None to run the whole batch at once."
         )
+    if axis_name is not None:
+        if isinstance(axis_name, (tuple, list)):
+            raise ValueError(
+                f"vmap: axis_name must be a single name (a str or other hashable), got "
+                f"{axis_name!r}; nest vmaps to map over several named axes."
+            )
+        try:
+            hash(axis_name)
+        except TypeError:
+            raise TypeError(
+                f"vmap: axis_name must be hashable (a str, say), got {type(axis_name).__name__}."
+            ) from None
+        if chunk_size is not None:
+            raise ValueError(
+                "vmap: chunk_size cannot be combined with axis_name: a collective would only "
+                "see the examples of one chunk. Drop chunk_size, or reduce over the chunks' "
+                "results outside vmap."
+            )
 
     if not _valid_out_dims(out_dims):
         raise ValueError(
@@ -202,7 +223,7 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
                                 in_dims, out_dims)
         if chunk_size is None or chunk_size >= batch_size:
             return _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size,
-                              in_dims, out_dims, randomness)
+                              in_dims, out_dims, randomness, axis_name)
         return _vmap_chunked(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size,
                              in_dims, out_dims, randomness, chunk_size)
 
@@ -210,9 +231,9 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
 
 
 def _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_dims,
-               out_dims, randomness):
+               out_dims, randomness, axis_name=None):
     call = _CallRepr(func, in_dims, out_dims)
-    with VmapInterpreter(batch_size, randomness) as level:
+    with VmapInterpreter(batch_size, randomness, axis_name) as level:
         batched = [
             a if d is None else BatchedTensor(a.movedim(d, 0) if d != 0 else a, level)
             for a, d in zip(flat_args, flat_in_dims)
@@ -222,6 +243,10 @@ def _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_
             # very tensor passed in (torch.func keeps the batch dim where it was).
             call.moved = {id(b._value): (a, d % a.dim()) for a, b, d in
                           zip(flat_args, batched, flat_in_dims) if d}
+        if level.axis is not None:
+            level.axis.device = next(
+                a.device for a, d in zip(flat_args, flat_in_dims) if d is not None
+            )
         # args_spec is None when every argument was a Tensor (see _flat_in_dims_fast).
         inputs = batched if args_spec is None else tree_unflatten(batched, args_spec)
         output = func(*inputs, **kwargs)
