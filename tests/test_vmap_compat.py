@@ -86,3 +86,14 @@ def test_nested_tensor_errors():
             vmap(vmap(lambda t: t.sin()))(_nt((2, 2, 3), (2, 2, 1)))
     with pytest.raises(RuntimeError, match="Nested tensors can only be vmapped over dim=0"):
         ft.vmap(lambda t: t, in_dims=1)(x)
+
+
+@pytest.mark.parametrize("op", [torch.linalg.det, torch.linalg.inv, torch.linalg.qr,
+                                torch.linalg.svd, torch.linalg.eigh, torch.linalg.slogdet])
+def test_linalg_of_vector_examples_raises(op):
+    # Each example is 1-D: the batch dim must not become a matrix dim (a silent answer).
+    x = torch.randn(3, 3, dtype=torch.float64)
+    x = x @ x.T + 3 * torch.eye(3, dtype=torch.float64)
+    for vmap in (ft.vmap, torch.func.vmap):
+        with pytest.raises(RuntimeError, match="dimension"):
+            vmap(op)(x)
