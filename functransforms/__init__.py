@@ -23,6 +23,8 @@ from . import autograd_function as _autograd_function  # noqa: F401  (hooks Func
 from .api.functionalize import functionalize
 from .api.debug import debug_unwrap
 from .api.capture import capture
+from .api.control_flow import cond, fori_loop, scan, while_loop
+from .api.custom_derivatives import custom_jvp, custom_vjp
 from .api.collectives import (
     all_gather,
     axis_index,
@@ -35,6 +37,12 @@ from .api.collectives import (
 )
 
 __all__ = [
+    "cond",
+    "while_loop",
+    "fori_loop",
+    "scan",
+    "custom_vjp",
+    "custom_jvp",
     "functionalize",
     "debug_unwrap",
     "capture",
