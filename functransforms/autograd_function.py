@@ -25,7 +25,7 @@ import threading
 from typing import NamedTuple
 
 import torch
-from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
+import torch.utils._pytree as pytree
 
 from .batching.interpreter import BatchedTensor, VmapInterpreter
 from .core.mode import not_adopting
@@ -327,10 +327,10 @@ def _vmap_rule(level, spec, args):
     in_dims = []
     for a in args:
         # Pytrees of tensors (a list argument) get a pytree of in_dims, as in torch.func.
-        leaves, spec_a = tree_flatten(a)
+        leaves, spec_a = pytree.tree_flatten(a)
         pairs = [_unbatch_one(level, x) for x in leaves]
-        values.append(tree_unflatten([p[0] for p in pairs], spec_a))
-        in_dims.append(tree_unflatten([p[1] for p in pairs], spec_a))
+        values.append(pytree.tree_unflatten([p[0] for p in pairs], spec_a))
+        in_dims.append(pytree.tree_unflatten([p[1] for p in pairs], spec_a))
     info = VmapInfo(level.batch_size, level.randomness)
     with level.lower(), not_adopting(level):
         result = spec.vmap(info, tuple(in_dims), *values)
@@ -346,13 +346,16 @@ def _vmap_rule(level, spec, args):
 
 
 def _wrap_batched(level, spec, out, out_dims):
-    outs, out_spec = tree_flatten(out)
-    dims = _broadcast_to_and_flatten(out_dims, out_spec)
-    if dims is None or not all(d is None or isinstance(d, int) for d in dims):
+    # As in torch.func, out_dims must be a prefix of the output's pytree (a tuple for a
+    # tuple, not for a single Tensor or a list).
+    outs, out_spec = pytree.tree_flatten(out)
+    dims = pytree._broadcast_to_and_flatten(out_dims, out_spec)
+    if dims is None or not all(d is None or type(d) is int for d in dims):
         raise RuntimeError(
-            f"vmap: the vmap staticmethod of {_name(spec)} returned an incompatible (output, "
-            f"out_dims) tuple: out_dims={out_dims!r} must be an int, None, or a pytree with "
-            f"the structure of the output (one out_dim per output Tensor)."
+            f"vmap: {_name(spec)}.vmap returned an incompatible (output, out_dims) tuple: "
+            f"out_dims={out_dims!r} does not match the structure of the output "
+            f"({' '.join(str(out_spec).split())}). "
+            f"Give out_dims that structure, with an int or None per output Tensor."
         )
     wrapped = []
     for o, d in zip(outs, dims):
@@ -362,7 +365,7 @@ def _wrap_batched(level, spec, out, out_dims):
         with level.lower():
             value = o.movedim(d, 0) if d != 0 else o
         wrapped.append(BatchedTensor(value, level))
-    return tree_unflatten(wrapped, out_spec)
+    return pytree.tree_unflatten(wrapped, out_spec)
 
 
 def _vmap_generated(level, spec, args):

@@ -402,7 +402,7 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as err:
             ft.vmap(BadDims.apply)(X)
-        self.assertExpectedInline(str(err.exception), """vmap: the vmap staticmethod of BadDims returned an incompatible (output, out_dims) tuple: out_dims=(0,) must be an int, None, or a pytree with the structure of the output (one out_dim per output Tensor).""")
+        self.assertExpectedInline(str(err.exception), """vmap: BadDims.vmap returned an incompatible (output, out_dims) tuple: out_dims=(0,) does not match the structure of the output (TreeSpec(tuple, None, [*, *])). Give out_dims that structure, with an int or None per output Tensor.""")
 
 
 def test_once_differentiable_backward_refuses_double_backward_like_torch_func():

@@ -42,11 +42,11 @@ class TestErrors(expecttest.TestCase):
 
     def test_inplace_into_unbatched(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: torch.zeros(()).add_(x))(X))
-        self.assertExpectedInline(msg, """vmap: aten::add_.Tensor is an in-place operation that would write batched values into a tensor that is not batched. Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
+        self.assertExpectedInline(msg, """vmap: aten::add_.Tensor is an in-place operation that would write batched values into a tensor that is not batched (inplace aten::add_.Tensor(self, *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements than `self`). Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
 
     def test_random_with_randomness_error(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: x + torch.rand_like(x))(X))
-        self.assertExpectedInline(msg, """vmap: called random operation aten::rand_like.default under vmap with randomness='error'. Pass randomness='different' for independent draws per example or randomness='same' for one draw shared by every example.""")
+        self.assertExpectedInline(msg, """vmap: called random operation while in randomness error mode (aten::rand_like.default under vmap with randomness='error'). Pass randomness='different' for independent draws per example or randomness='same' for one draw shared by every example.""")
 
     def test_bad_randomness(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(torch.sin, randomness="fresh"))
@@ -56,48 +56,48 @@ class TestErrors(expecttest.TestCase):
 
     def test_mismatched_batch_sizes(self):
         msg = self.message(ValueError, lambda: ft.vmap(torch.add)(X, torch.ones(4)))
-        self.assertExpectedInline(msg, """vmap(add, in_dims=0, out_dims=0)(<inputs>): expected every mapped input to have the same size in its mapped dimension, got sizes [3, 4].""")
+        self.assertExpectedInline(msg, """vmap(add, in_dims=0, out_dims=0)(<inputs>): Expected all tensors to have the same size in the mapped dimension, got sizes [3, 4] for the mapped inputs. Map over dimensions of one size, or pass the odd input with in_dim None.""")
 
     def test_in_dim_out_of_range(self):
         msg = self.message(ValueError, lambda: ft.vmap(torch.sin, in_dims=1)(X))
-        self.assertExpectedInline(msg, """vmap(sin, in_dims=1, out_dims=0)(<inputs>): got in_dim=1 for an input with 1 dims; in_dim must satisfy -1 <= in_dim < 1.""")
+        self.assertExpectedInline(msg, """vmap(sin, in_dims=1, out_dims=0)(<inputs>): Got in_dim=1 for some input, but that input is a Tensor of dimensionality 1; in_dim must satisfy -1 <= in_dim < 1.""")
 
     def test_in_dims_wrong_length(self):
         msg = self.message(ValueError, lambda: ft.vmap(torch.add, in_dims=(0,))(X, X))
-        self.assertExpectedInline(msg, """vmap(add, in_dims=(0,), out_dims=0)(<inputs>): in_dims has 1 entries but 2 positional argument(s) were passed. Give one in_dim per positional argument.""")
+        self.assertExpectedInline(msg, """vmap(add, in_dims=(0,), out_dims=0)(<inputs>): in_dims is not compatible with the structure of `inputs`: in_dims has 1 entries but 2 positional argument(s) were passed. Give one in_dim per positional argument.""")
 
     def test_in_dim_for_non_tensor(self):
         msg = self.message(ValueError, lambda: ft.vmap(lambda x, n: x * n, in_dims=(0, 0))(X, 2))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=(0, 0), out_dims=0)(<inputs>): got in_dim=0 for an input of type int. vmap can only map over Tensors; use None as the in_dim of non-Tensor inputs.""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=(0, 0), out_dims=0)(<inputs>): Got in_dim=0 for an input but the input is of type int. vmap can only map over Tensors; use None as the in_dim of non-Tensor inputs.""")
 
     def test_nothing_mapped(self):
         msg = self.message(ValueError, lambda: ft.vmap(torch.sin, in_dims=None)(X))
-        self.assertExpectedInline(msg, """vmap(sin, in_dims=None, out_dims=0)(<inputs>): at least one input must be a Tensor mapped over (all in_dims were None or no Tensor was passed).""")
+        self.assertExpectedInline(msg, """vmap(sin, in_dims=None, out_dims=0)(<inputs>): at least one Tensor must be mapped over, but all in_dims were None or no Tensor was passed. Give a Tensor input an integer in_dim.""")
 
     def test_out_dims_wrong_structure(self):
         msg = self.message(ValueError, lambda: ft.vmap(lambda x: (x, x), out_dims=(0, 0, 0))(X))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=(0, 0, 0))(<inputs>): out_dims is not compatible with the structure of the outputs. out_dims must be a prefix of the outputs' pytree structure (*, *).""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=(0, 0, 0))(<inputs>): out_dims is not compatible with the structure of `outputs`. out_dims must be a prefix of the outputs' pytree structure (*, *).""")
 
     def test_in_dims_wrong_structure(self):
         msg = self.message(
             ValueError, lambda: ft.vmap(lambda p: p[0] + p[1], in_dims=((0, 0, 0),))((X, X))
         )
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=((0, 0, 0),), out_dims=0)(<inputs>): in_dims is not compatible with the structure of the inputs. in_dims must be a prefix of the inputs' pytree structure ((*, *),).""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=((0, 0, 0),), out_dims=0)(<inputs>): in_dims is not compatible with the structure of `inputs`. in_dims must be a prefix of the inputs' pytree structure ((*, *),).""")
 
     def test_out_dim_out_of_range(self):
-        msg = self.message(ValueError, lambda: ft.vmap(lambda x: x, out_dims=2)(X))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=2)(<inputs>): out_dim=2 is out of range for an output with 0 dims per example.""")
+        msg = self.message(IndexError, lambda: ft.vmap(lambda x: x, out_dims=2)(X))
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=2)(<inputs>): Dimension out of range: out_dim=2 is out of range for an output with 0 dims per example (expected -1 <= out_dim < 1).""")
 
     def test_out_dims_on_non_tensor_output(self):
         msg = self.message(ValueError, lambda: ft.vmap(lambda x: (x, 1.0), out_dims=(0, 0))(X))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=(0, 0))(<inputs>): `f` must only return Tensors, got float. Set its out_dim to None to return it unbatched.""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=(0, 0))(<inputs>): `f` must only return Tensors, got type <class 'float'>. Set its out_dim to None to return it unbatched.""")
         # The fix the message suggests works.
         out, one = ft.vmap(lambda x: (x, 1.0), out_dims=(0, None))(X)
         self.assertEqual(one, 1.0)
 
     def test_out_dims_none_on_batched_output(self):
         msg = self.message(ValueError, lambda: ft.vmap(lambda x: x, out_dims=None)(X))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=None)(<inputs>): out_dims is None for an output that depends on the mapped inputs. Only outputs that are the same for every example can use out_dims=None.""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=None)(<inputs>): out_dims is None for an output that depends on the mapped inputs (vmap can not return a BatchedTensor when out_dim is None). Only outputs that are the same for every example can use out_dims=None.""")
 
     # -- grad -------------------------------------------------------------------------------
 

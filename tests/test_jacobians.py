@@ -234,3 +234,52 @@ class TestErrors(expecttest.TestCase):
             str(ctx.exception),
             """jacrev: got argnum=2, but only 2 positional inputs were given. Each argnum must satisfy -2 <= argnum < 2.""",  # noqa: B950
         )
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                         nn.Linear(8, 1)).double()
+
+
+@pytest.mark.parametrize("transform", ["jacrev", "jacfwd", "grad", "vjp"])
+def test_torch_autograd_through_derivatives_of_a_model(transform):
+    # Force-field training: the loss holds d(model)/dx, and torch autograd differentiates it
+    # w.r.t. the captured parameters. The backward of mm on a captured weight (weight.t())
+    # must be recorded too.
+    model = _mlp()
+    x = torch.rand(6, 1, dtype=torch.float64) + 0.5
+
+    def derivative(lib):
+        if transform == "vjp":
+            def d(t):
+                _, pull = lib.vjp(model, t)
+                return pull(torch.ones(1, dtype=torch.float64))[0]
+        elif transform == "grad":
+            d = lib.grad(lambda t: model(t).sum())
+        else:
+            d = getattr(lib, transform)(model)
+        return lib.vmap(d)(x)
+
+    grads = []
+    for lib in (ft, tf):
+        loss = model(x).pow(2).mean() + derivative(lib).pow(2).mean()
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_torch_autograd_through_grad_with_captured_weights():
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, dtype=torch.float64)
+
+    def f(x):
+        return torch.tanh(x @ w) @ v
+
+    results = []
+    for lib in (ft, tf):
+        g = lib.grad(f)(x)
+        results.append(torch.autograd.grad(g.pow(2).sum(), (w, v)))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs)

@@ -348,3 +348,50 @@ def test_complex_non_holomorphic(name):
     z, t = (torch.randn(4, 3, dtype=torch.complex128, generator=g) for _ in range(2))
     f = COMPLEX_OPS[name]
     assert_same(ft.jvp(f, (z,), (t,)), torch.func.jvp(f, (z,), (t,)))
+
+
+def _write_into_base(x, y):
+    view = x[0, ::2]
+    x.copy_(y)
+    x[1].mul_(2)
+    return x, view
+
+
+def _write_into_base_of_clone(x, y):
+    z = x * 1.0
+    view = z.t()[::2]
+    z.add_(y)
+    return z, view, x
+
+
+@pytest.mark.parametrize("f", [_write_into_base, _write_into_base_of_clone])
+def test_inplace_on_base_reaches_earlier_views(f):
+    # A view taken before an in-place write into its base sees the base's new tangent.
+    x, xt, y, yt = rand(2, 6, seed=1), rand(2, 6, seed=2), rand(2, 6, seed=3), rand(2, 6, seed=4)
+    ours = ft.jvp(f, (x.clone(), y), (xt.clone(), yt))
+    theirs = torch.func.jvp(f, (x.clone(), y), (xt.clone(), yt))
+    assert_same(ours, theirs)
+
+
+def test_vmap_of_jvp_inplace_on_base_reaches_earlier_views():
+    B = 3
+    x, xt = rand(2, B, 6, seed=1), rand(2, 6, B, seed=2)
+    y, yt = rand(2, B, 6, seed=3), rand(2, B, 6, seed=4)
+
+    def run(vmap, jvp):
+        push = lambda a, at, b, bt: jvp(_write_into_base, (a, b), (at, bt))  # noqa: E731
+        return vmap(push, in_dims=(1, 2, 1, 1))(x.clone(), xt.clone(), y, yt)
+
+    assert_same(run(ft.vmap, ft.jvp), run(torch.func.vmap, torch.func.jvp))
+
+
+def test_inplace_does_not_write_into_another_duals_tangent():
+    def f(x):
+        z = x + 1.0  # z's tangent may be x's tangent object
+        z.mul_(3)
+        return x, z
+
+    x, xt = rand(4, seed=1), rand(4, seed=2)
+    ours = ft.jvp(f, (x,), (xt.clone(),))
+    theirs = torch.func.jvp(f, (x,), (xt.clone(),))
+    assert_same(ours, theirs)

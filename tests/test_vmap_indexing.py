@@ -247,7 +247,7 @@ class TestErrors(expecttest.TestCase):
         self.assertExpectedInline(self._error(lambda x: x.tolist(), X), """vmap: .tolist() would turn a batched tensor into Python numbers, but every example has its own values. Keep the computation in tensors, or return the tensor from the vmapped function and call .tolist() on the result.""")
 
     def test_dynamic_shape(self):
-        self.assertExpectedInline(self._error(lambda x: x.nonzero(), X), """vmap: We do not support batching operators that can output dynamic shape. aten::nonzero.default returns a tensor whose shape depends on the values of its input, so the examples of one batch would need different shapes. Use a fixed-shape formulation instead: torch.where(mask, x, 0) in place of x[mask] or masked_select, or torch.nonzero_static(x, size=...) in place of nonzero.""")
+        self.assertExpectedInline(self._error(lambda x: x.nonzero(), X), """vmap: We do not support batching operators that can output dynamic shape. aten::nonzero.default returns a tensor whose shape depends on the values of its input (Attempted to vmap over aten::where(condition) or aten::nonzero, which torch.where(condition) and torch.nonzero run), so the examples of one batch would need different shapes. Use a fixed-shape formulation instead: torch.where(mask, x, 0) in place of x[mask] or masked_select, or torch.nonzero_static(x, size=...) in place of nonzero.""")
         msg = self._error(torch.masked_select, X, X > 0)
         self.assertIn("aten::masked_select.default returns a tensor whose shape", msg)
 
@@ -259,5 +259,4 @@ class TestErrors(expecttest.TestCase):
             t[i] = v
             return t
 
-        self.assertExpectedInline(self._error(f, IDX, randn(B, 4, 6)), """\
-vmap: aten::index_put_.default is an in-place operation that would write batched values into a tensor that is not batched. Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
+        self.assertExpectedInline(self._error(f, IDX, randn(B, 4, 6)), """vmap: aten::index_put_.default is an in-place operation that would write batched values into a tensor that is not batched (inplace aten::index_put_.default(self, *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements than `self`). Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")

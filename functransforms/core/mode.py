@@ -30,11 +30,16 @@ _local = threading.local()
 # How a random op that no wrapper reaches is drawn while a transform is active; one slot,
 # filled by the vmap interpreter when it is imported. Plain ``func`` call until then.
 _random_handler = [None]
+# ``check(func, args, kwargs)``, called for a random op that reaches a level other than vmap's (a jvp
+# level under jacfwd's vmap): the vmap levels below still have their say in 'error' mode.
+_random_check = [None]
 
 
-def register_random_handler(handler):
-    """Route random ops with no wrapper argument to ``handler(func, args, kwargs)``."""
+def register_random_handler(handler, check=None):
+    """Route random ops with no wrapper argument to ``handler(func, args, kwargs)``, and
+    random ops handled by a non-vmap level through ``check(func, args, kwargs)`` first."""
     _random_handler[0] = handler
+    _random_check[0] = check
 
 
 def _has_tensor(args, kwargs):
@@ -63,6 +68,8 @@ class TransformMode(TorchDispatchMode):
             # NOTE [detach at a grad level] in reverse/interpreter.py).
             if not level.alive:
                 return run_without_dead_wrappers(func, args, kwargs)
+            if level.kind != "vmap" and _random_check[0] is not None and _SEEDED in func.tags:
+                _random_check[0](func, args, kwargs)
             return level.process(func, args, kwargs)
         handler = _random_handler[0]
         if handler is not None and _SEEDED in func.tags:

@@ -32,6 +32,10 @@ aten = torch.ops.aten
 
 
 class DualTensor(LevelTensor):
+    # True when the tangent object is also another dual's tangent (a rule handed back an
+    # input's tangent, ``x + c``): an in-place op must not write into it.
+    _tangent_shared = False
+
     @staticmethod
     def __new__(cls, primal, tangent, level):
         self = LevelTensor._make(cls, primal, level, primal.shape, primal.stride())
@@ -146,7 +150,10 @@ def _rule_handler(rule):
                 return func(*primals, **kwargs)
         with lowering(None):
             out, out_tangent = rule(func, primals, tangents, kwargs)
-        return interp.wrap_out(out, out_tangent)
+        out = interp.wrap_out(out, out_tangent)
+        if type(out) is DualTensor and any(out._tangent is t for t in tangents):
+            out._tangent_shared = True
+        return out
 
     return handle
 
@@ -178,29 +185,28 @@ def _inplace_via_functional(functional):
             elif tangent.dtype != target.dtype:
                 tangent = tangent.to(target.dtype)
             # NOTE [In-place tangents]: a view of a dual carries the same view of its
-            # tangent (forward/rules/linear.py), so a write through the view (buf[0] = x)
-            # must write into that tangent for the base to see it; so must a write into a
-            # dual that views were taken of (``v = x[0]; x.copy_(y)``: v's tangent is a view
-            # of x's). Any other target gets its tangent rebound instead, never to an input's
-            # tangent object: two duals sharing one tangent would corrupt each other on the
-            # next write.
+            # tangent (forward/rules/linear.py), so a write into a dual must write into its
+            # tangent, as torch's forward AD does: views taken before (of the base, or the
+            # base of a view) then see the new tangent. Only a tangent that is another
+            # dual's too (``_tangent_shared``) or cannot hold the new one (expanded,
+            # unbatched under a batched write) is replaced, by a copy the dual owns.
             old = target._tangent
-            if old is not None and (
-                (target._value._base is not None and old._base is not None)
-                or getattr(target, "_viewed", False)
-            ):
-                old.copy_(tangent)
-                return target
             if old is not None and not torch.is_grad_enabled() and tracked_below(old):
                 # An in-place op under no_grad changes values, not history (cosine_similarity
                 # clamps its norms so): levels below must keep differentiating the tangent
-                # as the old one, which a tangent computed under no_grad would not let them.
+                # as the old one, which a tangent written under no_grad would not let them.
                 with torch.enable_grad():
-                    tangent = old + (tangent - old).detach()
-            elif any(isinstance(a, LevelTensor) and a._level is interp and a._tangent is tangent
-                     for a in args):
-                tangent = tangent.clone()
-        target._tangent = tangent
+                    target._tangent = old + (tangent - old).detach()
+                target._tangent_shared = False
+                return target
+            if old is not None and not target._tangent_shared:
+                try:
+                    old.copy_(tangent)
+                    return target
+                except RuntimeError:
+                    pass
+            target._tangent = tangent.clone()
+            target._tangent_shared = False
         return target
 
     return handle
@@ -276,23 +282,10 @@ _HANDLERS = {}
 _INPLACE_TWINS = {aten.copy_.default: aten.copy.default}
 
 
-def _marking_views(handler):
-    # The base of a view now shares its tangent with it (NOTE [In-place tangents]).
-    def handle(interp, func, args, kwargs):
-        base = args[0]
-        if isinstance(base, LevelTensor) and base._level is interp:
-            base._viewed = True
-        return handler(interp, func, args, kwargs)
-
-    return handle
-
-
 def _choose_handler(func):
     rule = JVP_RULES.get(func)
     if rule is not None and not mutated_arg_positions(func):
         handler = _rule_handler(rule)
-        if func.is_view:
-            handler = _marking_views(handler)
     elif torch.Tag.inplace_view in func.tags and functional_twin(func) is not None:
         handler = _inplace_view(functional_twin(func))
     elif mutated_arg_positions(func) and (

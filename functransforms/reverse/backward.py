@@ -30,10 +30,11 @@ def autograd_grad(level, outputs, inputs, grad_outputs, retain_graph=False):
     # grad, jvp of grad, torch autograd around the transform) and grad mode was on when
     # this level began, the engine runs it as create_graph=True, as torch.func always does;
     # this level's own record of it is dropped with the wrappers. Otherwise the cheaper
-    # once-differentiable path is taken.
-    create_graph = level.prev_grad_mode and any(
+    # once-differentiable path is taken. A formula on a captured tracked tensor alone
+    # (``weight.t()`` in mm's) is recorded only with grad mode on, hence captures_tracked.
+    create_graph = level.prev_grad_mode and (level.captures_tracked or any(
         differentiated_below(t) for t in (*outputs, *inputs, *grad_outputs)
-    )
+    ))
     level.in_backward = True
     try:
         grads = _ENGINE.run_backward(

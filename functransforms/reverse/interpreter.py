@@ -63,6 +63,12 @@ class GradInterpreter(Interpreter):
         super().__init__()
         self.prev_grad_mode = torch.is_grad_enabled()
         self.in_backward = False
+        # Set when an op of the forward pass took a tensor tracked below that is not this
+        # level's (a captured parameter requiring grad, an outer level's wrapper). Its
+        # backward formulas then run ops on that tensor alone (``weight.t()``), which only
+        # a backward with grad mode on records below (NOTE [Backward of captured tensors]
+        # in reverse/backward.py).
+        self.captures_tracked = False
 
     # NOTE [Inference mode around a grad level]: inference mode turns autograd off more
     # thoroughly than no_grad (enable_grad cannot undo it), and a grad level *is* autograd:
@@ -137,14 +143,24 @@ class GradInterpreter(Interpreter):
             if isinstance(a, torch.Tensor):
                 if isinstance(a, LevelTensor) and a._level is self:
                     a = a._value
-                tracked = tracked or needs_lowering(a)
+                    tracked = tracked or needs_lowering(a)
+                elif needs_lowering(a):
+                    tracked = self.captures_tracked = True
             elif type(a) in (list, tuple):
+                if any(isinstance(b, torch.Tensor) and not (
+                        isinstance(b, LevelTensor) and b._level is self) and needs_lowering(b)
+                        for b in a):
+                    self.captures_tracked = True
                 a = type(a)(_unwrap(b, self) for b in a)
                 tracked = tracked or any(
                     isinstance(b, torch.Tensor) and needs_lowering(b) for b in a
                 )
             values.append(a)
         if kwargs:
+            if any(isinstance(v, torch.Tensor) and not (
+                    isinstance(v, LevelTensor) and v._level is self) and needs_lowering(v)
+                    for v in kwargs.values()):
+                self.captures_tracked = True
             kwargs = {k: _unwrap(v, self) for k, v in kwargs.items()}
             tracked = tracked or any(
                 isinstance(v, torch.Tensor) and needs_lowering(v) for v in kwargs.values()

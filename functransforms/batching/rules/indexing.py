@@ -413,6 +413,10 @@ _DYNAMIC_SHAPE = (
     "instead: torch.where(mask, x, 0) in place of x[mask] or masked_select, or "
     "torch.nonzero_static(x, size=...) in place of nonzero."
 )
-batch_rule(aten.nonzero.default, aten._unique.default, aten._unique2.default,
+batch_rule(aten.nonzero.default)(_refuse(_DYNAMIC_SHAPE.replace(
+    "depends on the values of its input,",
+    "depends on the values of its input (Attempted to vmap over aten::where(condition) or "
+    "aten::nonzero, which torch.where(condition) and torch.nonzero run),")))
+batch_rule(aten._unique.default, aten._unique2.default,
            aten.unique_dim.default, aten.unique_consecutive.default,
            aten.unique_dim_consecutive.default)(_refuse(_DYNAMIC_SHAPE))
