@@ -23,11 +23,13 @@ from . import autograd_function as _autograd_function  # noqa: F401  (hooks Func
 from .api.functionalize import functionalize
 from .api.debug import debug_unwrap
 from .api.capture import capture
+from .api.graph import make_graph
 
 __all__ = [
     "functionalize",
     "debug_unwrap",
     "capture",
+    "make_graph",
     "grad",
     "grad_and_value",
     "vjp",
