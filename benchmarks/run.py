@@ -22,17 +22,18 @@ import traceback
 import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import torch
 
-import torch  # noqa: E402
-
-import functransforms as ft  # noqa: E402
-from workloads import (  # noqa: E402
+import functransforms as ft
+# ``python benchmarks/run.py`` puts this directory first on sys.path, so the workloads
+# package imports as a top-level one.
+from workloads import (
     ensembling, forward_mode, grad_micro, jacobian_shapes, jacobians, memory, overhead,
     per_sample_grads,
 )
-from workloads.harness import ORACLE, OURS, Settings, peer_versions  # noqa: E402
+from workloads.harness import ORACLE, OURS, Settings, peer_versions
+
+HERE = Path(__file__).resolve().parent
 
 FAMILIES = {
     "per_sample_grads": per_sample_grads,

@@ -1,15 +1,11 @@
 """Model ensembling: one vmapped forward over the stacked state of 10 MLPs, against a loop."""
 import copy
-import sys
-from pathlib import Path
 
 import torch
 import torch.func as tf
 
 from .harness import OURS, Table, add_row, ft_api
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_ensemble import make_models  # noqa: E402  (the models of the ensemble script)
+from .models import mlp_ensemble
 
 NUM_MODELS = 10
 LOOP = "loop over models"
@@ -25,7 +21,7 @@ def _ensemble(vmap, stack_module_state, functional_call, models, x, data_dim):
 
 
 def builders(width, batch, data_dim):
-    models = make_models(NUM_MODELS, width)
+    models = mlp_ensemble(NUM_MODELS, width)
     shape = (batch, 64) if data_dim is None else (NUM_MODELS, batch, 64)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     per_model = [x] * NUM_MODELS if data_dim is None else list(x)

@@ -1,28 +1,23 @@
 """grad of a tiny function and of an MLP loss: fixed per-call cost against real work.
 
-The functions are bench_grad's: ``(x.sin() * x.exp()).sum()`` on 4 floats, where the
+The functions (workloads/models.py): ``(x.sin() * x.exp()).sum()`` on 4 floats, where the
 transform's entry and exit dominate, and the loss of a 1024-512-512-256-10 ReLU MLP
 (0.92M parameters, batch 64), where the kernels do. The baseline is plain
 ``torch.autograd.grad`` on leaves that require grad, the work any grad transform wraps.
 """
-import sys
-from pathlib import Path
-
 import torch
 import torch.func as tf
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import models
 from .harness import ORACLE, OURS, Table, add_row, ft_api
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench_grad  # noqa: E402
 
 AUTOGRAD = "torch.autograd.grad"
 IMPLS = [OURS, ORACLE, AUTOGRAD]
 
 
 class _FtNamespace:
-    """bench_grad calls ``m.grad``; a missing transform becomes Unavailable, not an error."""
+    """The cases call ``m.grad``; a missing transform becomes Unavailable, not an error."""
 
     def __getattr__(self, name):
         return ft_api(name)
@@ -41,17 +36,17 @@ class _AutogradNamespace:
         return g
 
 
-# config -> bench_grad case; each takes the namespace providing ``grad``.
+# config -> case; each takes the namespace providing ``grad``.
 CASES = {
-    "tiny: (x.sin()*x.exp()).sum(), 4 floats": bench_grad.tiny,
-    "MLP loss, 0.92M params, batch 64": bench_grad.mlp,
+    "tiny: (x.sin()*x.exp()).sum(), 4 floats": models.tiny_grad,
+    "MLP loss, 0.92M params, batch 64": models.big_mlp_grad,
 }
 
 
 def builders(case):
     def bind(namespace):
         def make():
-            torch.manual_seed(0)  # bench_grad.tiny draws its input from the global generator
+            torch.manual_seed(0)  # tiny_grad draws its input from the global generator
             return case(namespace)
         return make
 

@@ -1,6 +1,6 @@
 """Which Jacobian transform fits which shape, and what chunk_size=1 saves.
 
-Speed: ``tanh(W @ x)`` from R^n to R^m (bench_jacobians' function) at a tall (16, 1024)
+Speed: ``tanh(W @ x)`` from R^n to R^m (models.tanh_layer) at a tall (16, 1024)
 and a wide (1024, 16) shape. jacrev costs one VJP per output and jacfwd one JVP per
 input, both batched by vmap, so jacfwd should win the tall shape and jacrev the wide one.
 The loop is ``torch.autograd.functional.jacobian(vectorize=False)``: one backward pass per
@@ -11,24 +11,19 @@ Memory: jacrev of the same function with a large output, unchunked against
 subprocess). Unchunked, the vmapped backward pass holds an m x m batch of cotangents and
 gradients; one row at a time holds the Jacobian and one backward pass.
 """
-import sys
-from pathlib import Path
-
 import torch.autograd.functional as taf
 import torch.func as tf
 
 from . import memory
 from .harness import ORACLE, OURS, Table, add_row, ft_api
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_jacobians import layer  # noqa: E402
+from .models import tanh_layer
 
 LOOP = "autograd.functional vectorize=False"
 IMPLS = [OURS, ORACLE, LOOP]
 
 
 def builders(transform, n, m, chunk_size=None):
-    f, x = layer(n, m)
+    f, x = tanh_layer(n, m)
     chunk = {} if chunk_size is None else {"chunk_size": chunk_size}
 
     def bind(get):

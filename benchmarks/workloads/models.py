@@ -1,4 +1,5 @@
-"""The benchmark models, in torch and (for the JAX peer) the same networks in jax.numpy.
+"""The benchmark models and functions, in torch and (for the JAX peer) the same networks in
+jax.numpy. Every workload module takes its models from here.
 
 The JAX version walks the torch ``nn.Sequential`` and reads the very same parameter arrays
 (torch layouts: Linear weight ``(out, in)``, Conv2d weight ``OIHW``), so every library
@@ -30,6 +31,69 @@ def cnn(seed=0):
         nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 5 * 5, 10), nn.LogSoftmax(-1),
     )
+
+
+def mlp_ensemble(num_models, width):
+    """``num_models`` 64-width-width-10 ReLU MLPs with different weights."""
+    torch.manual_seed(0)
+    return [
+        nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                      nn.Linear(width, 10))
+        for _ in range(num_models)
+    ]
+
+
+def tanh_layer(n, m, seed=0):
+    """``x -> tanh(W @ x)`` from R^n to R^m, and an input."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g) / n ** 0.5
+    return (lambda x: torch.tanh(w @ x)), torch.randn(n, generator=g)
+
+
+CHAIN = 20
+
+
+def chain(x):
+    """``CHAIN`` tiny ops: alternating sin and a multiplication by a Python number."""
+    for _ in range(CHAIN // 2):
+        x = x.sin()
+        x = x * 1.5
+    return x
+
+
+def chain_sum(x):
+    return chain(x).sum()
+
+
+def tiny_grad(m):
+    """``m.grad`` of ``(x.sin() * x.exp()).sum()`` on 4 floats: entry and exit dominate."""
+    x = torch.randn(4)
+    f = m.grad(lambda x: (x.sin() * x.exp()).sum())
+    return lambda: f(x)
+
+
+def big_mlp_grad(m):
+    """``m.grad`` of a 1024-512-512-256-10 ReLU MLP's loss (0.92M parameters, batch 64)."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = [1024, 512, 512, 256, 10]
+    params = {
+        f"w{i}": torch.randn(o, i_, generator=gen) / i_**0.5
+        for i, (i_, o) in enumerate(zip(sizes, sizes[1:]))
+    }
+    params.update({f"b{i}": torch.zeros(o) for i, o in enumerate(sizes[1:])})
+    x = torch.randn(64, sizes[0], generator=gen)
+    target = torch.randint(0, sizes[-1], (64,), generator=gen)
+
+    def loss(p, x, target):
+        h = x
+        for i in range(len(sizes) - 1):
+            h = torch.nn.functional.linear(h, p[f"w{i}"], p[f"b{i}"])
+            if i < len(sizes) - 2:
+                h = h.relu()
+        return torch.nn.functional.cross_entropy(h, target)
+
+    g = m.grad(loss)
+    return lambda: g(params, x, target)
 
 
 def params_of(model):

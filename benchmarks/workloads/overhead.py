@@ -1,18 +1,13 @@
-"""Per-op overhead: each transform around a chain of 20 tiny ops (the lead's bench_overhead chain).
+"""Per-op overhead: each transform around a chain of 20 tiny ops (models.chain).
 
 Times are per op of the chain. The overhead column subtracts the untransformed chain and
 divides by the number of transform levels, so it is the price of one op at one level.
 """
-import sys
-from pathlib import Path
-
 import torch
 import torch.func as tf
 
 from .harness import ORACLE, OURS, Table, add_row, ft_api
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_overhead import CHAIN, chain, chain_sum  # noqa: E402
+from .models import CHAIN, chain, chain_sum
 
 EAGER = "eager (no transform)"
 IMPLS = [OURS, ORACLE, EAGER]

@@ -2,9 +2,9 @@
 import functools
 
 import torch
-from torch.autograd.variable import Variable
 
 from ..core.mode import adopting_new_tensors
+from ..reverse.backward import autograd_grad, backward_at
 from ..reverse.interpreter import GradInterpreter
 from .pytree import (
     normalize_argnums,
@@ -15,9 +15,6 @@ from .pytree import (
     tree_unflatten,
     unwrap_tree,
 )
-
-
-_ENGINE = Variable._execution_engine
 
 
 def _lift_inputs(level, tree, api):
@@ -60,26 +57,6 @@ def _tree_str(spec):
     return repr(tree_unflatten([_Leaf()] * spec.num_leaves, spec))
 
 
-def _autograd_grad(level, outputs, inputs, grad_outputs, retain_graph=False):
-    """torch.autograd.grad that returns zeros for unused inputs and accepts constant outputs.
-
-    Calls the engine directly: torch.autograd.grad's argument checks cost as much as a few
-    ops, and every caller has already checked shapes (vjp_fn) or built the seed (grad).
-    """
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
-    if not pairs:
-        return tuple(torch.zeros_like(i) for i in inputs)
-    level.in_backward = True
-    try:
-        grads = _ENGINE.run_backward(
-            tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain_graph, False,
-            tuple(inputs), True, False,  # allow_unreachable, accumulate_grad
-        )
-    finally:
-        level.in_backward = False
-    return tuple(torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs))
-
-
 def _grad_and_value(func, argnums, has_aux, args, kwargs, api):
     argnums_list = normalize_argnums(argnums, len(args), api)
     with GradInterpreter() as level, torch.enable_grad():
@@ -107,7 +84,7 @@ def _grad_and_value(func, argnums, has_aux, args, kwargs, api):
             rebuilds.append(rebuild)
             counts.append(len(leaves))
         flat_grads = [
-            unwrap_tree(g, level) for g in _autograd_grad(level, [output], flat_diff, seed)
+            unwrap_tree(g, level) for g in autograd_grad(level, [output], flat_diff, seed)
         ]
         grads, start = [], 0
         for rebuild, n in zip(rebuilds, counts):
@@ -191,17 +168,7 @@ def vjp(func, *primals, has_aux=False):
                     f"dtype {o.dtype}; a complex output needs a complex cotangent and a real "
                     f"output a real one."
                 )
-        # NOTE [Re-entering a vjp level]: the level was popped when vjp returned. Its graph is
-        # still there, so the backward pass re-enters the level on top of whatever transforms
-        # are active now (vmap(vjp_fn) puts it above the vmap), with the grad mode of this call.
-        level.prev_grad_mode = torch.is_grad_enabled()
-        with level:
-            # Lifting the cotangents routes every backward op through this level's lowering,
-            # so levels below record it even when it touches only the cotangents (sum's
-            # backward is ``ct.expand``); the engine itself runs with grad mode off.
-            flat_ct = [level.lift(ct, requires_grad=False) for ct in flat_ct]
-            grads = _autograd_grad(level, flat_out, flat_in, flat_ct, retain_graph=retain_graph)
-            grads = [unwrap_tree(g, level) for g in grads]
+        grads = backward_at(level, flat_out, flat_in, flat_ct, retain_graph=retain_graph)
         return tree_unflatten(grads, in_spec)
 
     if has_aux:

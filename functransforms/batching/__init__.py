@@ -1,4 +1,6 @@
-"""vmap's machinery. Importing this package registers every batching-rule family."""
+"""vmap's machinery. Importing this package registers every batching-rule family and the
+handler for random ops that no batched tensor reaches."""
+from . import random_mode  # noqa: F401
 from .rules import pointwise  # noqa: F401
 from .rules import matmul  # noqa: F401
 from .rules import conv  # noqa: F401

@@ -6,7 +6,7 @@ any op (batching/rules/random.py). A random *factory* (``torch.rand(3)``,
 ``torch.randint(0, 5, (2,))``) or a random op on plain tensors has no batched argument, so
 it would run once and silently give every example the same draw. While a vmap level with
 randomness 'error' or 'different' is active, the transform mode (core/mode.py) sends such
-ops here:
+ops here (this module registers itself with ``register_random_handler``):
   * 'error' on any enclosing level: raise, naming the op and the two fixes;
   * 'different': factories draw with the level's batch size in front
     (rules/random.py:random_factory, which also handles randperm); random ops on plain
@@ -17,7 +17,9 @@ Only ops tagged ``nondeterministic_seeded`` come here.
 import torch
 
 from ..core.levels import level_stack
+from ..core.mode import register_random_handler
 from .fallback import op_name
+from .interpreter import BatchedTensor
 from .rules.random import random_factory
 
 
@@ -41,7 +43,7 @@ def unbatched_random(func, args, kwargs):
         return func(*args, **kwargs)
     draw = _draw_by_expanding_inputs(func, args, kwargs, tuple(lvl.batch_size for lvl in different))
     for lvl in different:
-        draw = _wrap(draw, lvl)
+        draw = BatchedTensor(draw, lvl)
     return draw
 
 
@@ -67,7 +69,4 @@ def _draw_by_expanding_inputs(func, args, kwargs, batch_shape):
     return out
 
 
-def _wrap(value, level):
-    from .interpreter import BatchedTensor
-
-    return BatchedTensor(value, level)
+register_random_handler(unbatched_random)

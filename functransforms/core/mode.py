@@ -3,8 +3,9 @@
 NOTE [Ops no wrapper reaches]
 Dispatch on wrappers only sees ops that have a wrapper among their arguments. Two kinds of
 op matter to a transform without one:
-  * random ops inside vmap (``torch.rand(3)``): see NOTE [Randomness] in
-    batching/random_mode.py;
+  * random ops inside vmap (``torch.rand(3)``): the vmap interpreter registers how they are
+    drawn (``register_random_handler``; NOTE [Randomness] in batching/random_mode.py), so the
+    core does not know about batching;
   * factories inside ``f`` under grad or jvp (``buf = torch.zeros(3); buf[0] = x``): as in
     torch.func, a floating-point tensor created by the user's function belongs to the
     innermost transform, so later in-place writes of that level's values into it are
@@ -24,6 +25,14 @@ from .wrapper import innermost_level, run_without_dead_wrappers
 
 _SEEDED = torch.Tag.nondeterministic_seeded
 _local = threading.local()
+# How a random op that no wrapper reaches is drawn while a transform is active; one slot,
+# filled by the vmap interpreter when it is imported. Plain ``func`` call until then.
+_random_handler = [None]
+
+
+def register_random_handler(handler):
+    """Route random ops with no wrapper argument to ``handler(func, args, kwargs)``."""
+    _random_handler[0] = handler
 
 
 def _has_tensor(args, kwargs):
@@ -53,10 +62,9 @@ class TransformMode(TorchDispatchMode):
             if not level.alive:
                 return run_without_dead_wrappers(func, args, kwargs)
             return level.process(func, args, kwargs)
-        if _SEEDED in func.tags:
-            from ..batching.random_mode import unbatched_random
-
-            out = unbatched_random(func, args, kwargs)
+        handler = _random_handler[0]
+        if handler is not None and _SEEDED in func.tags:
+            out = handler(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
         if not _has_tensor(args, kwargs):

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..core.levels import lowering
 from ..core.wrapper import LevelTensor
+from ..reverse.backward import flat_vjp
 
 _counts = {}
 _warned = set()
@@ -112,19 +113,20 @@ def _torch_forward_ad(func, primals, tangents, spec):
 
 
 def _double_vjp(func, primals, tangents, spec):
-    from ..api.reverse import vjp
-
     positions = [i for i, t in enumerate(tangents) if t is not None]
+    structure = []
 
     def f(*diff):
         flat = list(primals)
         for i, d in zip(positions, diff):
             flat[i] = d
         args, kwargs = tree_unflatten(flat, spec)
-        return func(*args, **kwargs)
+        flat_out, out_spec = tree_flatten(func(*args, **kwargs))
+        structure[:] = [out_spec]
+        return flat_out
 
-    out, vjp_fn = vjp(f, *[primals[i] for i in positions])
-    flat_out, out_spec = tree_flatten(out)
+    flat_out, pullback = flat_vjp(f, [primals[i] for i in positions])
+    out = tree_unflatten(flat_out, structure[0])
     diff_out = [
         i for i, o in enumerate(flat_out)
         if isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex())
@@ -133,16 +135,13 @@ def _double_vjp(func, primals, tangents, spec):
         return out, [None] * len(flat_out)
 
     def cotangent_map(*cts):
-        full = [
-            torch.zeros_like(o) if isinstance(o, torch.Tensor) else o for o in flat_out
-        ]
+        full = [torch.zeros_like(o) for o in flat_out]
         for i, c in zip(diff_out, cts):
             full[i] = c
-        return vjp_fn(tree_unflatten(full, out_spec))
+        return pullback(full)
 
-    zeros = [torch.zeros_like(flat_out[i]) for i in diff_out]
-    _, vjp_of_vjp = vjp(cotangent_map, *zeros)
-    diff_tangents = vjp_of_vjp(tuple(tangents[i] for i in positions))
+    _, pullback_of_pullback = flat_vjp(cotangent_map, [torch.zeros_like(flat_out[i]) for i in diff_out])
+    diff_tangents = pullback_of_pullback([tangents[i] for i in positions])
     out_tangents = [None] * len(flat_out)
     for i, t in zip(diff_out, diff_tangents):
         out_tangents[i] = t

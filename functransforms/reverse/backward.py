@@ -1,0 +1,77 @@
+"""A grad level's backward pass: the one entry the public transforms and the other
+interpreters share (the forward fallback differentiates through it without the public API).
+"""
+import torch
+from torch.autograd.variable import Variable
+
+from ..core.mode import adopting_new_tensors
+from ..core.wrapper import LevelTensor
+from .interpreter import GradInterpreter
+
+_ENGINE = Variable._execution_engine
+
+
+def autograd_grad(level, outputs, inputs, grad_outputs, retain_graph=False):
+    """torch.autograd.grad that returns zeros for unused inputs and accepts constant outputs.
+
+    Calls the engine directly: torch.autograd.grad's argument checks cost as much as a few
+    ops, and every caller has already checked shapes (vjp_fn) or built the seed (grad).
+    """
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+    if not pairs:
+        return tuple(torch.zeros_like(i) for i in inputs)
+    level.in_backward = True
+    try:
+        grads = _ENGINE.run_backward(
+            tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain_graph, False,
+            tuple(inputs), True, False,  # allow_unreachable, accumulate_grad
+        )
+    finally:
+        level.in_backward = False
+    return tuple(torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs))
+
+
+def unwrap(x, level):
+    if isinstance(x, LevelTensor) and x._level is level:
+        return x._value
+    return x
+
+
+def backward_at(level, outputs, inputs, cotangents, retain_graph=True):
+    """Pull ``cotangents`` back from ``outputs`` to ``inputs`` (flat lists of level-``level``
+    tensors recorded earlier), returning the gradients one level down.
+
+    NOTE [Re-entering a vjp level]: the level was popped when its forward pass returned. Its
+    graph is still there, so the backward pass re-enters the level on top of whatever
+    transforms are active now (vmap(vjp_fn) puts it above the vmap), with the grad mode of
+    this call.
+    """
+    level.prev_grad_mode = torch.is_grad_enabled()
+    with level:
+        # Lifting the cotangents routes every backward op through this level's lowering,
+        # so levels below record it even when it touches only the cotangents (sum's
+        # backward is ``ct.expand``); the engine itself runs with grad mode off.
+        cotangents = [level.lift(ct, requires_grad=False) for ct in cotangents]
+        grads = autograd_grad(level, outputs, inputs, cotangents, retain_graph=retain_graph)
+        return [unwrap(g, level) for g in grads]
+
+
+def flat_vjp(func, primals):
+    """``func(*primals)`` under a fresh grad level, for flat lists of tensors.
+
+    Returns ``(outputs, pullback)``: the outputs one level down, and ``pullback(cotangents)``
+    giving one gradient per primal. No pytrees and no argument checks: callers are
+    interpreters that built the call themselves.
+    """
+    level = GradInterpreter()
+    with level, torch.enable_grad():
+        lifted = [level.lift(p, requires_grad=True) for p in primals]
+        with adopting_new_tensors(level):
+            out = func(*lifted)
+        flat_out = list(out) if isinstance(out, (tuple, list)) else [out]
+        values = [unwrap(o, level) for o in flat_out]
+
+    def pullback(cotangents):
+        return backward_at(level, flat_out, lifted, list(cotangents))
+
+    return values, pullback
