@@ -440,18 +440,20 @@ class _CompiledTape:
         return self.tape.rebuild_output(leaves)
 
     def _first_run(self, inputs):
-        if self.compiled is False:
-            return self.tape.run(inputs)
         self.compiled = torch.compile(self.graph_module, fullgraph=True, dynamic=False,
                                       **self.compile_kwargs)
         try:
             return self.run(inputs)
         except Exception as e:  # the backend's failure: compile errors surface on first call
-            self.compiled = False
+            self.run = self.tape.run  # from now on, for this signature
+            # torch.compile wraps the backend's own error
+            e = getattr(e, "inner_exception", None) or e.__cause__ or e
+            backend = self.compile_kwargs["backend"]
             name = getattr(self.func, "__name__", repr(self.func))
+            message = str(e).strip().splitlines()
             warnings.warn(
-                f"capture({name}, backend={self.compile_kwargs['backend']!r}): compiling "
-                f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                f"capture({name}, backend={getattr(backend, '__name__', backend)!r}): "
+                f"compiling failed ({type(e).__name__}: {message[0] if message else ''}); "
                 f"replaying the recorded ops for this signature instead.", stacklevel=4)
             return self.tape.run(inputs)
 
