@@ -31,7 +31,9 @@ from workloads import (
     ensembling, forward_mode, grad_micro, jacobian_shapes, jacobians, memory, overhead,
     per_sample_grads,
 )
-from workloads.harness import ORACLE, OURS, Settings, peer_versions
+from workloads.harness import (
+    COMPILE_BACKEND, COMPILED, ORACLE, OURS, PAIRED, TF_COMPILED, Settings, peer_versions,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,6 +95,11 @@ def render_table(table):
     if table.loop and is_time:
         heads.append(f"{OURS} speedup over {table.loop}")
     heads += [h for h, _ in table.extra_columns]
+    pairs = [p for p in PAIRED if any(p in row.ratios for row in table.rows)]
+    heads += [f"{num} / {den}" for num, den in pairs]
+    compiled = [n for n in (COMPILED, TF_COMPILED) if any(n in row.compile_s for row in table.rows)]
+    if compiled:
+        heads.append("compile s (" + " / ".join(compiled) + ")")
     lines = [f"### {table.title}", "", "| " + " | ".join(heads) + " |",
              "|" + "---|" * len(heads)]
     footnotes = []
@@ -106,6 +113,9 @@ def render_table(table):
             s = ratio(row, table.loop, OURS)
             cells.append("n/a" if s is None else f"{s:.1f}x")
         cells += [cell(row) for _, cell in table.extra_columns]
+        cells += [fmt(row.ratios.get(p)) for p in pairs]
+        if compiled:
+            cells.append(" / ".join(fmt(row.compile_s.get(n)) for n in compiled))
         lines.append("| " + " | ".join(cells) + " |")
         footnotes += [f"- {table.config_label} {row.config}: {note}" for note in row.notes]
     lines.append("")
@@ -293,6 +303,13 @@ def main(argv=None):
         f"ratio of the two implementations' medians in that round, so load drift between "
         f"rounds cancels. Every output is checked against torch.func's before timing. "
         f"Ratio > {SLOW_RATIO} in bold: explained under \"Where functransforms is slower\".",
+        f"- Compiled columns: `{COMPILED}` is `ft.capture(f, backend=\"{COMPILE_BACKEND}\")` "
+        f"(the recorded aten graph compiled once per signature, NOTE [Compiled capture] in "
+        f"functransforms/api/capture.py), `{TF_COMPILED}` is `torch.compile` of the same "
+        f"torch.func program with the same backend, the fair compiled peer. Their warm-up "
+        f"(record + compile, or compile) is not in the timed calls; the `compile s` column "
+        f"gives it. Ratios between implementations other than {OURS} / {ORACLE} are paired "
+        f"round by round in the same way.",
         "",
     ]
     text = "\n".join(header) + "\n" + "\n".join(sections)
