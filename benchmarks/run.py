@@ -27,12 +27,13 @@ import torch
 import functransforms as ft
 # ``python benchmarks/run.py`` puts this directory first on sys.path, so the workloads
 # package imports as a top-level one.
+from workloads import harness  # noqa: E402
 from workloads import (
     ensembling, forward_mode, grad_micro, jacobian_shapes, jacobians, memory, overhead,
     per_sample_grads,
 )
 from workloads.harness import (
-    COMPILE_BACKEND, COMPILED, ORACLE, OURS, PAIRED, TF_COMPILED, Settings, peer_versions,
+    COMPILED, ORACLE, OURS, PAIRED, TF_COMPILED, Settings, peer_versions,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -251,7 +252,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (JAX is pinned to one thread)")
     parser.add_argument("--profile-seconds", type=float, default=1.0)
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of the compiled columns (default: inductor; "
+                             "eager with --quick)")
     opts = parser.parse_args(argv)
+    harness.COMPILE_BACKEND = opts.compile_backend or ("eager" if opts.quick else "inductor")
     warnings.filterwarnings("ignore")  # fallback warnings are reported from fallback_counts
     torch.set_num_threads(opts.threads)
     settings = Settings(quick=opts.quick, rounds=1 if opts.quick else opts.rounds,
@@ -303,7 +308,7 @@ def main(argv=None):
         f"ratio of the two implementations' medians in that round, so load drift between "
         f"rounds cancels. Every output is checked against torch.func's before timing. "
         f"Ratio > {SLOW_RATIO} in bold: explained under \"Where functransforms is slower\".",
-        f"- Compiled columns: `{COMPILED}` is `ft.capture(f, backend=\"{COMPILE_BACKEND}\")` "
+        f"- Compiled columns: `{COMPILED}` is `ft.capture(f, backend=\"{harness.COMPILE_BACKEND}\")` "
         f"(the recorded aten graph compiled once per signature, NOTE [Compiled capture] in "
         f"functransforms/api/capture.py), `{TF_COMPILED}` is `torch.compile` of the same "
         f"torch.func program with the same backend, the fair compiled peer. Their warm-up "

@@ -23,7 +23,8 @@ ORACLE = "torch.func"
 CAPTURED = "functransforms capture"
 COMPILED = "functransforms compiled"
 TF_COMPILED = "torch.compile(torch.func)"
-# The torch.compile backend of both compiled columns.
+# The torch.compile backend of both compiled columns; run.py sets it (--compile-backend,
+# "eager" in quick mode, where compiling with inductor would take minutes).
 COMPILE_BACKEND = "inductor"
 # (numerator, denominator) pairs whose per-round ratio every row reports when both ran.
 PAIRED = ((CAPTURED, ORACLE), (COMPILED, ORACLE), (COMPILED, TF_COMPILED))

@@ -10,9 +10,9 @@ import torch
 import torch.func as tf
 import torch.nn.functional as F
 
-from . import models
+from . import harness, models
 from .harness import (
-    CAPTURED, COMPILE_BACKEND, COMPILED, OURS, TF_COMPILED, Table, add_row, compiled_builders,
+    CAPTURED, COMPILED, OURS, TF_COMPILED, Table, add_row, compiled_builders,
     ft_api, peer,
 )
 
@@ -122,9 +122,9 @@ def run(settings):
         table.notes.append(
             f"{CAPTURED}: `ft.capture(vmap(grad(loss)))`, which records the plain aten ops of the "
             "first call and replays them (NOTE [Capture and replay] in functransforms/api/"
-            f"capture.py); {COMPILED}: `ft.capture(..., backend=\"{COMPILE_BACKEND}\")`, the "
+            f"capture.py); {COMPILED}: `ft.capture(..., backend=\"{harness.COMPILE_BACKEND}\")`, the "
             f"recorded graph compiled (NOTE [Compiled capture]); {TF_COMPILED}: "
-            f"`torch.compile(torch.func.vmap(torch.func.grad(loss)), backend=\"{COMPILE_BACKEND}\")`. "
+            f"`torch.compile(torch.func.vmap(torch.func.grad(loss)), backend=\"{harness.COMPILE_BACKEND}\")`. "
             f"{OURS}: the eager transform."
         )
         for batch in batches:
