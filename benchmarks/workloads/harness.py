@@ -127,6 +127,10 @@ def compiled_builders(ours, theirs, args, no_grad=False):
         thunk.compile_s = time.perf_counter() - t0 if warm_calls else None
         return thunk
 
+    # torch.func's transforms share their wrappers' code objects, so every configuration
+    # compiled here counts as a recompile of the same frames; past dynamo's default limit (8)
+    # torch.compile would silently run the torch.func program eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return {
         CAPTURED: lambda: bind(ft_api("capture")(ours()), 1),
         COMPILED: lambda: bind(ft_api("capture")(ours(), backend=COMPILE_BACKEND), 2),
