@@ -301,7 +301,10 @@ def main(argv=None):
         f"- torch {torch.__version__} with {opts.threads} intra-op thread(s); JAX "
         f"{versions['jax']} pinned to one thread; Opacus {versions['opacus']}; Python "
         f"{platform.python_version()}; functransforms at {commit()}",
-        f"- Method: all implementations of a configuration run in one process, interleaved "
+        f"- Method: calls are timed in CPU time of the process (every implementation runs on "
+        f"one thread; on a loaded machine wall-clock time also counts the waits for a core), "
+        f"compile times in wall-clock time. All implementations of a configuration run in one "
+        f"process, interleaved "
         f"round by round ({settings.rounds} rounds, order rotated, about "
         f"{settings.budget_s:g} s of calls each after warm-up, at least one per round); the "
         f"figure is the median call, and {OURS} / {ORACLE} is the median over rounds of the "

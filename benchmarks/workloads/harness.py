@@ -5,7 +5,8 @@ The benchmark machine is shared, so its load drifts over seconds. Every implemen
 one configuration is timed in the same process, in rounds: each round times every
 implementation for about the same wall-clock slice, and the order rotates from round to
 round. A load spike therefore lands on all implementations alike, and the median over all
-calls of all rounds discards the spikes themselves.
+calls of all rounds discards the spikes themselves. Calls are timed in CPU time of the
+process (see ``_one_call``); compile times, in wall-clock time.
 """
 import importlib
 import os
@@ -152,9 +153,13 @@ def build(builders, notes):
 
 
 def _one_call(fn):
-    t0 = time.perf_counter()
+    # CPU time of this process, not wall-clock time: every implementation runs on one
+    # thread, and on a loaded machine wall-clock time also counts the waits for a core,
+    # which grow with a call's length (a long call is preempted more often than a short
+    # one), so wall-clock ratios of unequal calls drift with the load.
+    t0 = time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def compare(impls, settings, notes):
