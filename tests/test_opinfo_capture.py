@@ -132,33 +132,39 @@ def test_capture_fast_subset(key):
 MODES = ("captured", "graph", "compiled")
 
 
-@pytest.mark.slow
-def test_capture_full_sweep():
-    # per sweep: ops passing eagerly; per mode: matches, mismatches/errors
+def sweep_op(op):
+    """One op's records: ``{op, kind, status, eager, compile_failed}`` per sweep it runs in."""
+    records = []
+    for kind, make_cases in (("vmap", _vmap_cases), ("vjp", _vjp_cases)):
+        if kind == "vjp" and not op.supports_autograd:
+            continue
+        _CaptureRecord.eager = _CaptureRecord.compile_failed = None
+        status = _status(op, make_cases, compiled=True)
+        records.append({"op": op_key(op), "kind": kind, "status": status,
+                        "eager": _CaptureRecord.eager,
+                        "compile_failed": _CaptureRecord.compile_failed})
+    return records
+
+
+def write_coverage(records, path=COVERAGE / "capture_coverage.md"):
+    """The coverage table of the ops that pass eagerly; returns ``{kind: counts}``."""
     counts = {kind: {"n": 0, **{m: [0, 0] for m in MODES}} for kind in ("vmap", "vjp")}
     failures, eager_rows, compile_failures = [], [], []
-    for op in VMAP_OPS:
-        if is_random(op, N_SAMPLES):
+    for r in records:
+        status, kind, key = r["status"], r["kind"], r["op"]
+        if status["eager"] != "pass":
             continue
-        for kind, make_cases in (("vmap", _vmap_cases), ("vjp", _vjp_cases)):
-            if kind == "vjp" and not op.supports_autograd:
-                continue
-            _CaptureRecord.eager = _CaptureRecord.compile_failed = None
-            status = _status(op, make_cases, compiled=True)
-            if status["eager"] != "pass":
-                continue
-            c = counts[kind]
-            c["n"] += 1
-            for mode in MODES:
-                ok = status[mode] == "pass"
-                c[mode][0 if ok else 1] += 1
-                if not ok:
-                    failures.append(f"| {op_key(op)} | {kind} | {mode} | {status[mode]} |")
-            if _CaptureRecord.eager is not None:
-                eager_rows.append(f"| {op_key(op)} | {kind} | {_CaptureRecord.eager} |")
-            if _CaptureRecord.compile_failed is not None:
-                compile_failures.append(
-                    f"| {op_key(op)} | {kind} | {_CaptureRecord.compile_failed} |")
+        c = counts[kind]
+        c["n"] += 1
+        for mode in MODES:
+            ok = status[mode] == "pass"
+            c[mode][0 if ok else 1] += 1
+            if not ok:
+                failures.append(f"| {key} | {kind} | {mode} | {status[mode]} |")
+        if r["eager"] is not None:
+            eager_rows.append(f"| {key} | {kind} | {r['eager']} |")
+        if r["compile_failed"] is not None:
+            compile_failures.append(f"| {key} | {kind} | {r['compile_failed']} |")
     lines = [
         "# ft.capture / ft.make_graph OpInfo coverage (against the per-example loop)",
         "",
@@ -186,7 +192,14 @@ def test_capture_full_sweep():
               "|---|---|---|", *eager_rows]
     lines += ["", "## Graphs the backend could not compile", "", "| op | sweep | warning |",
               "|---|---|---|", *compile_failures]
-    (COVERAGE / "capture_coverage.md").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
+    return counts, failures
+
+
+@pytest.mark.slow
+def test_capture_full_sweep():
+    records = [r for op in VMAP_OPS if not is_random(op, N_SAMPLES) for r in sweep_op(op)]
+    counts, failures = write_coverage(records)
     for kind, c in counts.items():
         for mode in MODES:
             assert c[mode][0] == c["n"], (kind, mode, failures)
