@@ -30,7 +30,7 @@ import functransforms as ft
 from workloads import harness  # noqa: E402
 from workloads import (
     ensembling, forward_mode, grad_micro, jacobian_shapes, jacobians, memory, overhead,
-    per_sample_grads,
+    per_sample_grads, scale_out,
 )
 from workloads.harness import (
     COMPILED, ORACLE, OURS, PAIRED, TF_COMPILED, Settings, peer_versions,
@@ -47,6 +47,7 @@ FAMILIES = {
     "grad_micro": grad_micro,
     "overhead": overhead,
     "memory": memory,
+    "scale_out": scale_out,
 }
 SLOW_RATIO = 1.5
 

@@ -24,12 +24,38 @@ from .api.functionalize import functionalize
 from .api.debug import debug_unwrap
 from .api.capture import capture
 from .api.graph import make_graph
+from .api.control_flow import cond, fori_loop, scan, while_loop
+from .api.custom_derivatives import custom_jvp, custom_vjp
+from .api.collectives import (
+    all_gather,
+    axis_index,
+    axis_size,
+    pmax,
+    pmean,
+    pmin,
+    process_axis,
+    psum,
+)
 
 __all__ = [
+    "cond",
+    "while_loop",
+    "fori_loop",
+    "scan",
+    "custom_vjp",
+    "custom_jvp",
     "functionalize",
     "debug_unwrap",
     "capture",
     "make_graph",
+    "psum",
+    "pmean",
+    "pmax",
+    "pmin",
+    "all_gather",
+    "axis_index",
+    "axis_size",
+    "process_axis",
     "grad",
     "grad_and_value",
     "vjp",

@@ -39,7 +39,8 @@ jacfwd of a tanh MLP R^8 -> R^32 w.r.t. its input
 grad of a tiny function and of a 0.92M-parameter MLP loss
 Per-op overhead on a chain of 20 tiny ops
 Peak memory: per-sample gradients
-Peak memory: jacrev of the tanh MLP at width 64""")
+Peak memory: jacrev of the tanh MLP at width 64
+DP-SGD step""")
         self.assertNotIn("crashed", results)
         self.assertNotIn("failed", results)
         self.assertEqual(len(plots), len(titles))

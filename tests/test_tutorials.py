@@ -1,5 +1,6 @@
 """The tutorials in tutorials/*.ipynb run top to bottom in a fresh kernel, and the copies in the
 repository carry the outputs of such a run (issue 7)."""
+import os
 import pathlib
 import subprocess
 import sys
@@ -19,6 +20,8 @@ EXPECTED = [
     "05_neural_tangent_kernels",
     "06_maml",
     "07_dp_sgd",
+    "08_control_flow_and_custom_derivatives",
+    "09_named_axes",
 ]
 CELL_TIMEOUT_S = 120
 
@@ -59,6 +62,10 @@ def test_notebook_runs(path, kernel_name, monkeypatch):
     # do not fight over the few cores of a CI machine.
     monkeypatch.delenv("FT_TUTORIAL_SCALE", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # The kernel must import this checkout's functransforms, not whichever one is installed.
+    repo = str(TUTORIALS.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (repo, os.environ.get("PYTHONPATH")) if p))
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(LEVEL_STACK_CHECK))
     client = NotebookClient(

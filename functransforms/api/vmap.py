@@ -120,8 +120,11 @@ def _unbatch_output(level, out, out_dim, batch_size, call):
     return value if out_dim == 0 else value.movedim(0, out_dim)
 
 
-def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
+def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None, axis_name=None):
     """Map ``func`` over dimension ``in_dims`` of its inputs, as if it ran once per example.
+
+    ``axis_name`` names the mapped axis for the collectives (``ft.psum(x, axis_name)``, ...)
+    called inside ``func``, as in JAX's vmap.
 
     >>> x = torch.randn(3, 5)
     >>> vmap(torch.dot)(x, x).shape
@@ -133,6 +136,24 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
         )
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"vmap: chunk_size must be a positive int or None, got {chunk_size!r}.")
+    if axis_name is not None:
+        if isinstance(axis_name, (tuple, list)):
+            raise ValueError(
+                f"vmap: axis_name must be a single name (a str or other hashable), got "
+                f"{axis_name!r}; nest vmaps to map over several named axes."
+            )
+        try:
+            hash(axis_name)
+        except TypeError:
+            raise TypeError(
+                f"vmap: axis_name must be hashable (a str, say), got {type(axis_name).__name__}."
+            ) from None
+        if chunk_size is not None:
+            raise ValueError(
+                "vmap: chunk_size cannot be combined with axis_name: a collective would only "
+                "see the examples of one chunk. Drop chunk_size, or reduce over the chunks' "
+                "results outside vmap."
+            )
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -141,7 +162,7 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
         )
         if chunk_size is None or chunk_size >= batch_size:
             return _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size,
-                              in_dims, out_dims, randomness)
+                              in_dims, out_dims, randomness, axis_name)
         return _vmap_chunked(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size,
                              in_dims, out_dims, randomness, chunk_size)
 
@@ -149,13 +170,17 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
 
 
 def _vmap_once(func, flat_args, flat_in_dims, args_spec, kwargs, batch_size, in_dims,
-               out_dims, randomness):
+               out_dims, randomness, axis_name=None):
     call = _CallRepr(func, in_dims, out_dims)
-    with VmapInterpreter(batch_size, randomness) as level:
+    with VmapInterpreter(batch_size, randomness, axis_name) as level:
         batched = [
             a if d is None else BatchedTensor(a.movedim(d, 0) if d != 0 else a, level)
             for a, d in zip(flat_args, flat_in_dims)
         ]
+        if level.axis is not None:
+            level.axis.device = next(
+                a.device for a, d in zip(flat_args, flat_in_dims) if d is not None
+            )
         # args_spec is None when every argument was a Tensor (see _flat_in_dims_fast).
         inputs = batched if args_spec is None else tree_unflatten(batched, args_spec)
         output = func(*inputs, **kwargs)

@@ -18,3 +18,4 @@ from .rules import softmax  # noqa: F401
 from .rules import embedding  # noqa: F401
 from .rules import loss  # noqa: F401
 from .rules import attention  # noqa: F401
+from .rules import collectives  # noqa: F401

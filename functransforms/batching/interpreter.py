@@ -14,6 +14,7 @@ How an op is served, fastest first (the choice is cached per op):
 import torch
 from torch.utils._mode_utils import no_dispatch
 
+from ..core.collectives import Axis, bind_axis
 from ..core.levels import Interpreter, lowering
 from ..core.ops import decomposition, functional_twin
 from ..core.wrapper import (
@@ -57,18 +58,45 @@ class BatchedTensor(LevelTensor):
 _NO_KWARGS = {}
 _STRIDED = torch.strided
 
+
+class VmapAxis(Axis):
+    """The examples of one vmap level as a named axis (NOTE [Named axes] in
+    core/collectives.py). Values batched at the level are reduced by its batching rules;
+    what reaches this object is the same for every example."""
+
+    kind = "vmap"
+
+    def __init__(self, name, level):
+        super().__init__(name, level.batch_size)
+        self.level = level
+        self.device = None  # the mapped inputs' device, for axis_index
+
+    def index(self):
+        if not self.level.alive:
+            raise RuntimeError(
+                f"axis_index({self.name!r}): the vmap that bound this name has returned."
+            )
+        return BatchedTensor(torch.arange(self.size, device=self.device), self.level)
+
+
 class VmapInterpreter(Interpreter):
     kind = "vmap"
 
-    def __init__(self, batch_size, randomness="error"):
+    def __init__(self, batch_size, randomness="error", axis_name=None):
         super().__init__()
         self.batch_size = batch_size
         self.randomness = randomness
+        self.axis = None if axis_name is None else VmapAxis(axis_name, self)
 
     def lift(self, value):
         return BatchedTensor(value, self)
 
     def __enter__(self):
+        self._binding = None
+        if self.axis is not None:
+            # Bound before the level is pushed: a refused name leaves nothing behind.
+            self._binding = bind_axis(self.axis)
+            self._binding.__enter__()
         super().__enter__()
         # See NOTE [Randomness] in random_mode.py.
         self._mode = None
@@ -83,6 +111,8 @@ class VmapInterpreter(Interpreter):
                 self._mode.__exit__(*exc)
         finally:
             super().__exit__(*exc)
+            if self._binding is not None:
+                self._binding.__exit__(*exc)
         return False
 
     def process(self, func, args, kwargs):

@@ -1,2 +1,2 @@
 """Forward mode (jvp). Importing this package registers every JVP-rule family."""
-from .rules import bilinear, linear, pointwise, prims, reductions  # noqa: F401
+from .rules import bilinear, collectives, linear, pointwise, prims, reductions  # noqa: F401
