@@ -21,5 +21,7 @@ setup(
             "ipykernel",
             "matplotlib",
         ],
+        # Sampling profiler for the benchmarks' hot paths; whoever profiles installs it.
+        "profile": ["py-spy"],
     },
 )

@@ -89,6 +89,7 @@ class BatchedTensor(LevelTensor):
 
 
 _NO_KWARGS = {}
+_STRIDED = torch.strided
 
 
 class VmapAxis(Axis):
@@ -328,6 +329,9 @@ def _rule_handler(rule, func):
         if type(out) is torch.Tensor or isinstance(out, torch.Tensor):
             if out_bdims is None or (type(out_bdims) in (list, tuple) and out_bdims[0] is None):
                 return out
+            if (type(out) is torch.Tensor and out.layout is _STRIDED and not out.is_complex()
+                    and out.is_contiguous()):
+                return new_wrapper(BatchedTensor, out, interp, out.shape[1:])
             return BatchedTensor(out, interp)
         return interp.wrap_out(out, out_bdims)
 
@@ -398,7 +402,7 @@ def _elementwise_handler(general, func):
         out = op(*values)
         if not isinstance(out, torch.Tensor):
             return interp.wrap_out(out, 0)  # frexp and the few other multi-output ones
-        if is_plain_layout(out):
+        if type(out) is torch.Tensor and out.layout is _STRIDED and not out.is_complex() and out.is_contiguous():
             return new_wrapper(BatchedTensor, out, interp, out.shape[1:])
         return BatchedTensor(out, interp)
 

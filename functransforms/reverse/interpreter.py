@@ -121,13 +121,15 @@ class GradInterpreter(Interpreter):
         return GradTensor(tensor, self)
 
     def process(self, func, args, kwargs):
-        if id(func) in _REWRAP_OPS and not torch._C._dispatch_tls_is_dispatch_key_excluded(
+        plan = _PLANS.get(id(func))
+        if plan is None:
+            plan = _plan(func)
+        rewrap, mutated, returned, aliasing = plan
+        if rewrap and not torch._C._dispatch_tls_is_dispatch_key_excluded(
             DispatchKey.AutogradFunctionality
         ):
             return GradTensor(args[0]._value, self)
-        mutated = mutated_arg_positions(func)
         if mutated:
-            returned = returned_arg_positions(func)
             for i in returned:
                 if i is not None and not (isinstance(args[i], LevelTensor) and args[i]._level is self):
                     # Writing this level's constants (an ``eps`` tensor a composite kernel
@@ -136,22 +138,33 @@ class GradInterpreter(Interpreter):
                     if _any_tracked_here(self, args, kwargs):
                         raise RuntimeError(_captured_mutation_message(func))
         # Only values tracked by a lower level need the op recorded below; skipping the
-        # lowering context otherwise is what keeps a single grad level cheap.
-        tracked = False
+        # lowering context otherwise is what keeps a single grad level cheap. With no
+        # wrapper of a lower level among the values either, the op runs right here.
+        tracked = aliasing
+        below = False
         values = []
         for a in args:
             if isinstance(a, torch.Tensor):
                 if isinstance(a, LevelTensor) and a._level is self:
                     a = a._value
-                    tracked = tracked or needs_lowering(a)
-                elif needs_lowering(a):
-                    tracked = self.captures_tracked = True
+                    if type(a) is torch.Tensor:
+                        if not tracked and (a.requires_grad or a.is_complex()
+                                            or a._is_zerotensor()):
+                            tracked = True
+                    else:
+                        below = True
+                        tracked = tracked or needs_lowering(a)
+                else:
+                    below = below or isinstance(a, LevelTensor)
+                    if needs_lowering(a):
+                        tracked = self.captures_tracked = True
             elif type(a) in (list, tuple):
                 if any(isinstance(b, torch.Tensor) and not (
                         isinstance(b, LevelTensor) and b._level is self) and needs_lowering(b)
                         for b in a):
                     self.captures_tracked = True
                 a = type(a)(_unwrap(b, self) for b in a)
+                below = True
                 tracked = tracked or any(
                     isinstance(b, torch.Tensor) and needs_lowering(b) for b in a
                 )
@@ -162,14 +175,17 @@ class GradInterpreter(Interpreter):
                     for v in kwargs.values()):
                 self.captures_tracked = True
             kwargs = {k: _unwrap(v, self) for k, v in kwargs.items()}
+            below = True
             tracked = tracked or any(
                 isinstance(v, torch.Tensor) and needs_lowering(v) for v in kwargs.values()
             )
-        if tracked or aliasing_op(func):
+        if tracked:
             with lowering(self.lowered_grad_mode()):
                 out = func._op(*values, **kwargs)
-        else:
+        elif below:
             out = call_below(func, values, kwargs)
+        else:
+            out = func._op(*values)
         if mutated:
             for i in mutated:
                 if isinstance(args[i], LevelTensor) and args[i]._level is self:
@@ -183,6 +199,10 @@ class GradInterpreter(Interpreter):
             return tuple(
                 args[i] if i is not None else GradTensor(o, self) for i, o in zip(returned, out)
             )
+        if type(out) is torch.Tensor:
+            if out.layout is _STRIDED and not out.is_complex() and out.is_contiguous():
+                return new_wrapper(GradTensor, out, self, out.shape)
+            return GradTensor(out, self)
         if isinstance(out, torch.Tensor):
             return GradTensor(out, self)
         return wrap_output(out, lambda t: GradTensor(t, self))
@@ -203,6 +223,21 @@ def _restore_hooks(message):
         torch._C._autograd._saved_tensors_hooks_enable()
     else:
         torch._C._autograd._saved_tensors_hooks_disable(message)
+
+
+_STRIDED = torch.strided
+# id(func) -> (is detach/alias, mutated positions, returned positions, aliasing): the
+# facts process reads on every op, looked up once.
+_PLANS = {}
+
+
+def _plan(func):
+    mutated = mutated_arg_positions(func)
+    plan = _PLANS[id(func)] = (
+        id(func) in _REWRAP_OPS, mutated, returned_arg_positions(func) if mutated else (),
+        aliasing_op(func),
+    )
+    return plan
 
 
 def _sync_metadata(wrapper):
