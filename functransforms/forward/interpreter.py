@@ -18,6 +18,8 @@ How an op is served, fastest first (the choice is cached per op):
      and meet their own rules;
   4. the general fallback (forward/fallback.py), counted and warned about.
 """
+import weakref
+
 import torch
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -35,6 +37,10 @@ class DualTensor(LevelTensor):
     # True when the tangent object is also another dual's tangent (a rule handed back an
     # input's tangent, ``x + c``): an in-place op must not write into it.
     _tangent_shared = False
+    # A view of a dual knows the dual it views (its root), and a root its live views: a
+    # write a tangent cannot hold re-derives them all (_promote_root_tangent).
+    _root = None
+    _views = None
 
     @staticmethod
     def __new__(cls, primal, tangent, level):
@@ -204,10 +210,58 @@ def _inplace_via_functional(functional):
                     old.copy_(tangent)
                     return target
                 except RuntimeError:
-                    pass
+                    root = target if target._root is None else target._root
+                    if root._views:
+                        # Other duals alias this tangent: rebinding one of them alone would
+                        # silently cut the others off, so all are re-derived or none is.
+                        if not _promote_root_tangent(root, tangent):
+                            raise
+                        target._tangent.copy_(tangent)
+                        return target
             target._tangent = tangent.clone()
             target._tangent_shared = False
         return target
+
+    return handle
+
+
+def _promote_root_tangent(root, tangent):
+    """Make ``root``'s tangent able to hold ``tangent`` and re-derive its views' tangents.
+
+    The common case: a tensor created inside ``f`` has unbatched zeros as its tangent, and
+    ``buf[i] = x`` under ``jacfwd`` writes a tangent batched by the vmap below into a view of
+    them. The root's tangent becomes the same zeros batched like ``tangent`` (adding a batched
+    exact zero), and every live view takes the same window of it as before.
+    """
+    old = root._tangent
+    if old is None or old._base is not None or not old.is_contiguous() or old.storage_offset():
+        return False
+    zero = torch.zeros_like(tangent).sum().to(old.dtype)
+    new = (old + zero).contiguous()
+    if new.shape != old.shape:
+        return False
+    root._tangent = new
+    root._tangent_shared = False
+    for view in list(root._views):
+        t = view._tangent
+        if t is not None and t._base is old:
+            view._tangent = new.as_strided(t.size(), t.stride(), t.storage_offset())
+            view._tangent_shared = False
+    return True
+
+
+def _tracking_views(handler):
+    # NOTE [In-place tangents]: see _promote_root_tangent.
+    def handle(interp, func, args, kwargs):
+        out = handler(interp, func, args, kwargs)
+        base = args[0]
+        if type(out) is DualTensor and isinstance(base, DualTensor) and base._level is interp:
+            root = base if base._root is None else base._root
+            out._root = root
+            if root._views is None:
+                root._views = weakref.WeakSet()
+            root._views.add(out)
+        return out
 
     return handle
 
@@ -286,6 +340,8 @@ def _choose_handler(func):
     rule = JVP_RULES.get(func)
     if rule is not None and not mutated_arg_positions(func):
         handler = _rule_handler(rule)
+        if func.is_view:
+            handler = _tracking_views(handler)
     elif torch.Tag.inplace_view in func.tags and functional_twin(func) is not None:
         handler = _inplace_view(functional_twin(func))
     elif mutated_arg_positions(func) and (
