@@ -9,7 +9,8 @@ setup(
     description="JAX-like composable function transforms (vmap, grad, jvp, ...) for PyTorch",
     packages=find_packages(include=["functransforms", "functransforms.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.13.0,<2.14"],
+    # numpy: torch warns "Failed to initialize NumPy" on import without it.
+    install_requires=["torch>=2.13.0,<2.14", "numpy"],
     extras_require={
         "test": [
             "pytest",
@@ -20,5 +21,7 @@ setup(
             "ipykernel",
             "matplotlib",
         ],
+        # Sampling profiler for the benchmarks' hot paths; whoever profiles installs it.
+        "profile": ["py-spy"],
     },
 )

@@ -27,11 +27,14 @@ import torch
 import functransforms as ft
 # ``python benchmarks/run.py`` puts this directory first on sys.path, so the workloads
 # package imports as a top-level one.
+from workloads import harness  # noqa: E402
 from workloads import (
     ensembling, forward_mode, grad_micro, jacobian_shapes, jacobians, memory, overhead,
     per_sample_grads, scale_out,
 )
-from workloads.harness import ORACLE, OURS, Settings, peer_versions
+from workloads.harness import (
+    COMPILED, ORACLE, OURS, PAIRED, TF_COMPILED, Settings, peer_versions,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -94,6 +97,11 @@ def render_table(table):
     if table.loop and is_time:
         heads.append(f"{OURS} speedup over {table.loop}")
     heads += [h for h, _ in table.extra_columns]
+    pairs = [p for p in PAIRED if any(p in row.ratios for row in table.rows)]
+    heads += [f"{num} / {den}" for num, den in pairs]
+    compiled = [n for n in (COMPILED, TF_COMPILED) if any(n in row.compile_s for row in table.rows)]
+    if compiled:
+        heads.append("compile s (" + " / ".join(compiled) + ")")
     lines = [f"### {table.title}", "", "| " + " | ".join(heads) + " |",
              "|" + "---|" * len(heads)]
     footnotes = []
@@ -107,6 +115,9 @@ def render_table(table):
             s = ratio(row, table.loop, OURS)
             cells.append("n/a" if s is None else f"{s:.1f}x")
         cells += [cell(row) for _, cell in table.extra_columns]
+        cells += [fmt(row.ratios.get(p)) for p in pairs]
+        if compiled:
+            cells.append(" / ".join(fmt(row.compile_s.get(n)) for n in compiled))
         lines.append("| " + " | ".join(cells) + " |")
         footnotes += [f"- {table.config_label} {row.config}: {note}" for note in row.notes]
     lines.append("")
@@ -242,7 +253,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (JAX is pinned to one thread)")
     parser.add_argument("--profile-seconds", type=float, default=1.0)
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of the compiled columns (default: inductor; "
+                             "eager with --quick)")
     opts = parser.parse_args(argv)
+    harness.COMPILE_BACKEND = opts.compile_backend or ("eager" if opts.quick else "inductor")
     warnings.filterwarnings("ignore")  # fallback warnings are reported from fallback_counts
     torch.set_num_threads(opts.threads)
     settings = Settings(quick=opts.quick, rounds=1 if opts.quick else opts.rounds,
@@ -287,13 +302,23 @@ def main(argv=None):
         f"- torch {torch.__version__} with {opts.threads} intra-op thread(s); JAX "
         f"{versions['jax']} pinned to one thread; Opacus {versions['opacus']}; Python "
         f"{platform.python_version()}; functransforms at {commit()}",
-        f"- Method: all implementations of a configuration run in one process, interleaved "
+        f"- Method: calls are timed in CPU time of the process (every implementation runs on "
+        f"one thread; on a loaded machine wall-clock time also counts the waits for a core), "
+        f"compile times in wall-clock time. All implementations of a configuration run in one "
+        f"process, interleaved "
         f"round by round ({settings.rounds} rounds, order rotated, about "
         f"{settings.budget_s:g} s of calls each after warm-up, at least one per round); the "
         f"figure is the median call, and {OURS} / {ORACLE} is the median over rounds of the "
         f"ratio of the two implementations' medians in that round, so load drift between "
         f"rounds cancels. Every output is checked against torch.func's before timing. "
         f"Ratio > {SLOW_RATIO} in bold: explained under \"Where functransforms is slower\".",
+        f"- Compiled columns: `{COMPILED}` is `ft.capture(f, backend=\"{harness.COMPILE_BACKEND}\")` "
+        f"(the recorded aten graph compiled once per signature, NOTE [Compiled capture] in "
+        f"functransforms/api/capture.py), `{TF_COMPILED}` is `torch.compile` of the same "
+        f"torch.func program with the same backend, the fair compiled peer. Their warm-up "
+        f"(record + compile, or compile) is not in the timed calls; the `compile s` column "
+        f"gives it. Ratios between implementations other than {OURS} / {ORACLE} are paired "
+        f"round by round in the same way.",
         "",
     ]
     text = "\n".join(header) + "\n" + "\n".join(sections)

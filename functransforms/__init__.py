@@ -23,6 +23,7 @@ from . import autograd_function as _autograd_function  # noqa: F401  (hooks Func
 from .api.functionalize import functionalize
 from .api.debug import debug_unwrap
 from .api.capture import capture
+from .api.graph import make_graph
 from .api.control_flow import cond, fori_loop, scan, while_loop
 from .api.custom_derivatives import custom_jvp, custom_vjp
 from .api.collectives import (
@@ -46,6 +47,7 @@ __all__ = [
     "functionalize",
     "debug_unwrap",
     "capture",
+    "make_graph",
     "psum",
     "pmean",
     "pmax",

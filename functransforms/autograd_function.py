@@ -25,14 +25,17 @@ import threading
 from typing import NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 
 from .batching.interpreter import BatchedTensor, VmapInterpreter
-from .core.wrapper import LevelTensor
+from .core.mode import not_adopting
+from .core.wrapper import LevelTensor, tracked_below
 from .reverse.interpreter import GradTensor
 
 __all__ = ["custom_function_call", "VmapInfo", "CUSTOM_FUNCTION_RULES"]
 
 _Function = torch.autograd.Function
+_DelayedError = torch._C._functions.DelayedError
 
 CUSTOM_FUNCTION_RULES = {}
 
@@ -133,11 +136,17 @@ def _patched_apply(cls, *args, **kwargs):
             return _ORIGINAL_APPLY.__func__(cls, *args, **kwargs)
         raise RuntimeError(
             f"{cls.__name__}: to use an autograd.Function inside functransforms transforms "
-            f"(vmap, grad, jvp, jacrev, ...), define forward(*args) without ctx and a "
-            f"setup_context(ctx, inputs, output) staticmethod, as torch.func requires."
+            f"(vmap, grad, jvp, jacrev, ...), it must override the setup_context staticmethod: "
+            f"define forward(*args) without ctx and a setup_context(ctx, inputs, output) "
+            f"staticmethod, as torch.func requires."
         )
     bound = inspect.signature(cls.forward).bind(*args, **kwargs)
     bound.apply_defaults()
+    if any(isinstance(v, torch.Tensor) for v in bound.kwargs.values()):
+        raise NotImplementedError(
+            f"{cls.__name__}: kwarg-only Tensor args of forward are not supported inside "
+            f"transforms (nor by torch.func). Make them positional arguments of forward."
+        )
     return custom_function_call(cls, tuple(bound.args))
 
 
@@ -196,16 +205,77 @@ class _GradLevelFunction(_SpecFunction):
     """The node a grad level records: forward goes one level down, backward is the user's."""
 
     @staticmethod
+    def backward(ctx, *grads):
+        out = ctx._ft_spec.backward(ctx, *grads)
+        if _once_differentiable(ctx._ft_spec):
+            # The user's backward ran under no_grad: the levels below must not differentiate
+            # its result either. As torch's once_differentiable does for plain autograd,
+            # results whose cotangents are tracked below get a node that refuses backward.
+            out = _delay_error(ctx._ft_level, grads, out)
+        return out
+
+    @staticmethod
     def forward(ctx, *args):
         spec = ctx._ft_spec = _pending.spec
-        level = _pending.level
+        level = ctx._ft_level = _pending.level
         values = tuple(a._value if isinstance(a, LevelTensor) and a._level is level else a
                        for a in args)
-        with level.lower():
+        with level.lower(), not_adopting(level):
             out = custom_function_call(spec, values)
-        wrapped = _map_tensors(out, lambda t: GradTensor(t, level))
+        # An input handed back as-is (an in-place Function marks it dirty) must stay the
+        # same object, or torch autograd would not see it among the outputs.
+        wrapped = _map_tensors(out, lambda t: _same_input(t, values, args, level))
         spec.setup_context(ctx, args, wrapped)
         return wrapped
+
+
+def _same_input(t, values, args, level):
+    for v, a in zip(values, args):
+        if t is v and isinstance(a, torch.Tensor):
+            return a
+    return GradTensor(t, level)
+
+
+_generated = {}
+
+
+def _grad_function_for(spec):
+    """A torch Function per user Function, so that its backward node reads
+    ``<Name>GeneratedBackward`` in ``grad_fn``, as under torch.func."""
+    if not isinstance(spec, type):
+        return _GradLevelFunction
+    cls = _generated.get(spec)
+    if cls is None:
+        cls = _generated[spec] = type(f"{spec.__name__}Generated", (_GradLevelFunction,), {})
+    return cls
+
+
+# The code object of torch's once_differentiable wrapper, to recognise wrapped backwards.
+_ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
+
+def _once_differentiable(spec):
+    return getattr(getattr(spec, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE_CODE
+
+
+def _delay_error(level, grads, out):
+    values = [g._value if isinstance(g, LevelTensor) and g._level is level else g for g in grads]
+    if not any(isinstance(v, torch.Tensor) and tracked_below(v) for v in values):
+        return out
+    outs = _as_tuple(out)
+    inner = [o._value if isinstance(o, LevelTensor) and o._level is level else o for o in outs]
+    # A result computed without the tracked values (a fresh tensor from numpy) must still
+    # refuse a second backward, as torch.func's does: it becomes a leaf that requires grad.
+    tensors = [i if i.requires_grad or isinstance(i, LevelTensor) else i.detach().requires_grad_()
+               for i in inner if isinstance(i, torch.Tensor)]
+    with level.lower():
+        delayed = _DelayedError(
+            b"trying to differentiate twice a function that was marked with "
+            b"@once_differentiable", len(tensors))(*tensors)
+    delayed = iter(_as_tuple(delayed))
+    wrapped = tuple(GradTensor(next(delayed), level) if isinstance(i, torch.Tensor) else o
+                    for i, o in zip(inner, outs))
+    return wrapped if isinstance(out, tuple) else wrapped[0]
 
 
 def _as_tuple(x):
@@ -226,7 +296,7 @@ def _map_tensors(out, fn):
 
 @custom_function_rule("grad")
 def _grad_rule(level, spec, args):
-    return _apply_with(_GradLevelFunction, spec, level, args)
+    return _apply_with(_grad_function_for(spec), spec, level, args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,9 +305,9 @@ def _grad_rule(level, spec, args):
 
 def _vmap_unsupported_message(spec):
     return (
-        f"vmap: {_name(spec)} is an autograd.Function without vmap support. Define a "
-        f"vmap(info, in_dims, *args) staticmethod that returns (output, out_dims), or set "
-        f"generate_vmap_rule = True so that forward and backward are vmapped for you."
+        f"vmap: {_name(spec)} is an autograd.Function that does not have vmap support. "
+        f"Define a vmap(info, in_dims, *args) staticmethod that returns (output, out_dims), "
+        f"or set generate_vmap_rule = True so that forward and backward are vmapped for you."
     )
 
 
@@ -247,7 +317,7 @@ def _vmap_rule(level, spec, args):
     if getattr(spec, "generate_vmap_rule", False):
         if has_rule:
             raise RuntimeError(
-                f"vmap: {_name(spec)} sets generate_vmap_rule = True and also defines a vmap "
+                f"vmap: {_name(spec)} sets both generate_vmap_rule=True and a vmap "
                 f"staticmethod. Use one or the other."
             )
         return _vmap_generated(level, spec, args)
@@ -256,39 +326,36 @@ def _vmap_rule(level, spec, args):
     values = []
     in_dims = []
     for a in args:
-        if isinstance(a, LevelTensor) and a._level is level:
-            values.append(a._value)
-            in_dims.append(0)
-        else:
-            values.append(a)
-            in_dims.append(None)
+        # Pytrees of tensors (a list argument) get a pytree of in_dims, as in torch.func.
+        leaves, spec_a = pytree.tree_flatten(a)
+        pairs = [_unbatch_one(level, x) for x in leaves]
+        values.append(pytree.tree_unflatten([p[0] for p in pairs], spec_a))
+        in_dims.append(pytree.tree_unflatten([p[1] for p in pairs], spec_a))
     info = VmapInfo(level.batch_size, level.randomness)
-    with level.lower():
+    with level.lower(), not_adopting(level):
         result = spec.vmap(info, tuple(in_dims), *values)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise RuntimeError(
-            f"vmap: {_name(spec)}.vmap must return a tuple (output, out_dims), got "
-            f"{type(result).__name__}."
+            f"vmap: expected the vmap staticmethod of {_name(spec)} to have two returns, an "
+            f"output and out_dims with a pytree structure compatible with the output; got "
+            f"{type(result).__name__}"
+            + (f" of length {len(result)}." if isinstance(result, tuple) else ".")
         )
     out, out_dims = result
     return _wrap_batched(level, spec, out, out_dims)
 
 
 def _wrap_batched(level, spec, out, out_dims):
-    single = not isinstance(out, (tuple, list))
-    outs = (out,) if single else tuple(out)
-    if isinstance(out_dims, (tuple, list)) and not single:
-        dims = tuple(out_dims)
-    elif isinstance(out_dims, (tuple, list)) and single and len(out_dims) == 1:
-        dims = tuple(out_dims)
-    elif out_dims is None or isinstance(out_dims, int):
-        dims = (out_dims,) * len(outs)
-    else:
-        dims = ()
-    if len(dims) != len(outs):
+    # As in torch.func, out_dims must be a prefix of the output's pytree (a tuple for a
+    # tuple, not for a single Tensor or a list).
+    outs, out_spec = pytree.tree_flatten(out)
+    dims = pytree._broadcast_to_and_flatten(out_dims, out_spec)
+    if dims is None or not all(d is None or type(d) is int for d in dims):
         raise RuntimeError(
-            f"vmap: {_name(spec)}.vmap returned {len(outs)} output(s) but out_dims "
-            f"{out_dims!r} does not give one out_dim (int or None) per output."
+            f"vmap: {_name(spec)}.vmap returned an incompatible (output, out_dims) tuple: "
+            f"out_dims={out_dims!r} does not match the structure of the output "
+            f"({' '.join(str(out_spec).split())}). "
+            f"Give out_dims that structure, with an int or None per output Tensor."
         )
     wrapped = []
     for o, d in zip(outs, dims):
@@ -298,7 +365,7 @@ def _wrap_batched(level, spec, out, out_dims):
         with level.lower():
             value = o.movedim(d, 0) if d != 0 else o
         wrapped.append(BatchedTensor(value, level))
-    return wrapped[0] if single else type(out)(wrapped)
+    return pytree.tree_unflatten(wrapped, out_spec)
 
 
 def _vmap_generated(level, spec, args):
@@ -312,7 +379,7 @@ def _vmap_generated(level, spec, args):
             values.append(a)
             in_dims.append(None)
     batched = _BatchedSpec(spec, tuple(in_dims), level.batch_size, level.randomness)
-    with level.lower():
+    with level.lower(), not_adopting(level):
         out = custom_function_call(batched, tuple(values))
     return _wrap_batched(level, spec, out, batched.out_dims)
 
@@ -488,7 +555,8 @@ class _JvpCtx:
         self.materialize_grads = value
 
     def mark_dirty(self, *tensors):
-        raise RuntimeError("jvp: in-place autograd.Functions (ctx.mark_dirty) are not supported.")
+        # The outputs that are these inputs get the input's dual back (see _jvp_rule).
+        self.dirty = tensors
 
 
 @custom_function_rule("jvp")
@@ -499,7 +567,7 @@ def _jvp_rule(level, spec, args):
             f"jvp(ctx, *tangents) to use it with forward-mode transforms (jvp, jacfwd, ...)."
         )
     primals, tangents, _ = level.split_args(args)
-    with level.lower():
+    with level.lower(), not_adopting(level):
         out = custom_function_call(spec, tuple(primals))
         ctx = _JvpCtx(len(primals))
         spec.setup_context(ctx, tuple(primals), out)
@@ -509,14 +577,20 @@ def _jvp_rule(level, spec, args):
         ]
         out_tangents = spec.jvp(ctx, *tangents)
     if isinstance(out, torch.Tensor):
-        return _dual(level, out, out_tangents, ctx)
+        return _dual(level, out, out_tangents, ctx, primals, args)
     out_tangents = _as_tuple(out_tangents)
-    return type(out)(_dual(level, o, t, ctx) for o, t in zip(out, out_tangents))
+    return type(out)(_dual(level, o, t, ctx, primals, args) for o, t in zip(out, out_tangents))
 
 
-def _dual(level, primal, tangent, ctx):
+def _dual(level, primal, tangent, ctx, primals, args):
     if not isinstance(primal, torch.Tensor) or tangent is None:
         return primal
     if any(primal is n for n in ctx.non_differentiable):
         return primal
+    if any(primal is d for d in getattr(ctx, "dirty", ())):
+        # An input modified in place and returned: the same dual, with its new tangent.
+        for p, a in zip(primals, args):
+            if p is primal and isinstance(a, LevelTensor) and a._level is level:
+                a._tangent = tangent
+                return a
     return level.lift(primal, tangent)

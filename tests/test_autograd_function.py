@@ -329,7 +329,7 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as err:
             ft.grad(lambda x: Old.apply(x).sum())(X)
-        self.assertExpectedInline(str(err.exception), """Old: to use an autograd.Function inside functransforms transforms (vmap, grad, jvp, jacrev, ...), define forward(*args) without ctx and a setup_context(ctx, inputs, output) staticmethod, as torch.func requires.""")
+        self.assertExpectedInline(str(err.exception), """Old: to use an autograd.Function inside functransforms transforms (vmap, grad, jvp, jacrev, ...), it must override the setup_context staticmethod: define forward(*args) without ctx and a setup_context(ctx, inputs, output) staticmethod, as torch.func requires.""")
         # Outside transforms it still works as torch defines it.
         assert_close(Old.apply(X), X * 2)
 
@@ -349,7 +349,7 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as err:
             ft.vmap(NoVmap.apply)(X)
-        self.assertExpectedInline(str(err.exception), """vmap: NoVmap is an autograd.Function without vmap support. Define a vmap(info, in_dims, *args) staticmethod that returns (output, out_dims), or set generate_vmap_rule = True so that forward and backward are vmapped for you.""")
+        self.assertExpectedInline(str(err.exception), """vmap: NoVmap is an autograd.Function that does not have vmap support. Define a vmap(info, in_dims, *args) staticmethod that returns (output, out_dims), or set generate_vmap_rule = True so that forward and backward are vmapped for you.""")
         assert_close(ft.grad(lambda x: NoVmap.apply(x).sum())(X), torch.full_like(X, 2.0))
 
     def test_both_vmap_rules(self):
@@ -374,7 +374,7 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as err:
             ft.vmap(Both.apply)(X)
-        self.assertExpectedInline(str(err.exception), """vmap: Both sets generate_vmap_rule = True and also defines a vmap staticmethod. Use one or the other.""")
+        self.assertExpectedInline(str(err.exception), """vmap: Both sets both generate_vmap_rule=True and a vmap staticmethod. Use one or the other.""")
 
     def test_no_jvp(self):
         with self.assertRaises(RuntimeError) as err:
@@ -402,4 +402,152 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as err:
             ft.vmap(BadDims.apply)(X)
-        self.assertExpectedInline(str(err.exception), """vmap: BadDims.vmap returned 2 output(s) but out_dims (0,) does not give one out_dim (int or None) per output.""")
+        self.assertExpectedInline(str(err.exception), """vmap: BadDims.vmap returned an incompatible (output, out_dims) tuple: out_dims=(0,) does not match the structure of the output (TreeSpec(tuple, None, [*, *])). Give out_dims that structure, with an int or None per output Tensor.""")
+
+
+def test_once_differentiable_backward_refuses_double_backward_like_torch_func():
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x ** 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 3 * x ** 2 * g
+
+    x = torch.tensor(1.5, requires_grad=True)
+    gy = torch.tensor(0.5, requires_grad=True)
+    for m in (ft, torch.func):
+        _, vjp_fn = m.vjp(Cube.apply, x)
+        (gx,) = vjp_fn(gy)
+        torch.testing.assert_close(gx.detach(), torch.tensor(3 * 1.5 ** 2 * 0.5))
+        with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+            gx.backward()
+    torch.testing.assert_close(ft.grad(Cube.apply)(torch.tensor(2.0)), torch.tensor(12.0))
+
+
+class Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class TestContract(expecttest.TestCase):
+    def test_vmap_staticmethod_must_have_two_returns(self):
+        class OneReturn(Identity):
+            @staticmethod
+            def vmap(info, in_dims, x):
+                return x
+
+        with self.assertRaises(RuntimeError) as err:
+            ft.vmap(OneReturn.apply)(X)
+        self.assertExpectedInline(str(err.exception), """vmap: expected the vmap staticmethod of OneReturn to have two returns, an output and out_dims with a pytree structure compatible with the output; got Tensor.""")
+
+    def test_kwarg_only_tensors(self):
+        class KwOnly(Identity):
+            @staticmethod
+            def forward(x, *, y):
+                return x + y
+
+        with self.assertRaises(NotImplementedError) as err:
+            ft.grad(lambda x: KwOnly.apply(x, y=x).sum())(X)
+        self.assertExpectedInline(str(err.exception), """KwOnly: kwarg-only Tensor args of forward are not supported inside transforms (nor by torch.func). Make them positional arguments of forward.""")
+
+    def test_pytree_in_dims_and_out_dims(self):
+        seen = []
+
+        class Pair(Identity):
+            @staticmethod
+            def forward(x, ys):
+                return x, ys
+
+            @staticmethod
+            def vmap(info, in_dims, x, ys):
+                seen.append(in_dims)
+                return (x, ys), in_dims
+
+        for m in (ft, tf):
+            out = m.vmap(Pair.apply)(X, [X, X * 2])
+            assert_close(out, (X, [X, X * 2]))
+        self.assertEqual(seen, [(0, [0, 0])] * 2)
+
+    def test_generated_backward_name_and_mark_dirty(self):
+        class AddOne(Identity):
+            @staticmethod
+            def forward(x):
+                return x.add_(1)
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                ctx.mark_dirty(inputs[0])
+
+            @staticmethod
+            def jvp(ctx, t):
+                return t.add_(0)  # an in-place Function updates its tangent in place too
+
+        names = []
+
+        def f(x):
+            y = AddOne.apply(x.clone())
+            names.append(type(y.grad_fn).__name__)
+            return (y * y).sum()
+
+        for m in (ft, tf):
+            assert_close(m.grad(f)(X), 2 * (X + 1))
+            assert_close(m.jvp(lambda x: AddOne.apply(x.clone()), (X,), (T,)), (X + 1, T))
+        self.assertEqual(names, ["AddOneGeneratedBackward"] * 2)
+
+
+class CloningSquare(torch.autograd.Function):
+    # Its rules make fresh tensors one level down (clone, zeros_like): no level may claim them.
+    @staticmethod
+    def forward(x):
+        return x.clone() * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[0])
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x.clone() * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        buf = torch.zeros_like(t)
+        buf.copy_(t.clone())
+        return 2 * x * buf
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return CloningSquare.apply(x.clone()), in_dims[0]
+
+
+@pytest.mark.parametrize("transform", ["jacfwd", "jacrev", "hessian", "vmap_jacfwd"])
+def test_fresh_tensors_inside_custom_rules_stay_below(transform):
+    def run(m):
+        f = lambda x: CloningSquare.apply(x).sin()
+        if transform == "vmap_jacfwd":
+            return m.vmap(m.jacfwd(f))(X.reshape(-1)[:6].reshape(3, 2))
+        if transform == "hessian":
+            return m.hessian(lambda x: f(x).sum())(X)
+        return getattr(m, transform)(f)(X)
+
+    assert_close(run(ft), run(tf))

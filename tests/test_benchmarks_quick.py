@@ -19,7 +19,7 @@ class TestBenchmarksQuick(expecttest.TestCase):
         with tempfile.TemporaryDirectory() as out:
             done = subprocess.run(
                 [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", out],
-                capture_output=True, text=True, timeout=600,
+                capture_output=True, text=True, timeout=1200,
             )
             self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
             results = (Path(out) / "RESULTS.md").read_text()

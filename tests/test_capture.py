@@ -96,10 +96,14 @@ def test_hessian_and_jacobians():
 
 
 def test_non_tensor_outputs_and_aux():
-    f = ft.capture(ft.grad(lambda x: ((x ** 2).sum(), 3), has_aux=True))
+    # (torch.func's has_aux only takes Tensors in aux; a non-Tensor output goes through
+    # vmap with out_dims=None.)
+    f = ft.capture(ft.grad(lambda x: ((x ** 2).sum(), {"x": x}), has_aux=True))
+    g = ft.capture(ft.vmap(lambda x: (x ** 2, 3), out_dims=(0, None)))
     for _ in range(2):
         x = torch.randn(3)
-        assert_close_tree(f(x), (2 * x, 3))
+        assert_close_tree(f(x), (2 * x, {"x": x}))
+        assert_close_tree(g(x), (x ** 2, 3))
 
 
 def test_inputs_that_require_grad_run_eagerly_and_keep_autograd():

@@ -30,11 +30,11 @@ class TestErrors(expecttest.TestCase):
 
     def test_item_under_vmap(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: x.item())(X))
-        self.assertExpectedInline(msg, """vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python number (.item(), float(), int(), bool() or Python control flow such as `if x.sum() > 0:`). Every example has its own value, so there is no single number to return. Keep the computation in tensors: use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap.""")
+        self.assertExpectedInline(msg, """vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python number: it looks like you're calling .item() on a Tensor (or float(), int(), bool()) or attempting to use a Tensor in some data-dependent control flow (`if x.sum() > 0:`). Every example has its own value, so there is no single number to return. Keep the computation in tensors: use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap.""")
 
     def test_data_dependent_control_flow_under_vmap(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: x if x > 0 else -x)(X))
-        self.assertExpectedInline(msg, """vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python number (.item(), float(), int(), bool() or Python control flow such as `if x.sum() > 0:`). Every example has its own value, so there is no single number to return. Keep the computation in tensors: use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap.""")
+        self.assertExpectedInline(msg, """vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python number: it looks like you're calling .item() on a Tensor (or float(), int(), bool()) or attempting to use a Tensor in some data-dependent control flow (`if x.sum() > 0:`). Every example has its own value, so there is no single number to return. Keep the computation in tensors: use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap.""")
 
     def test_tolist_under_vmap(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: torch.tensor(x.tolist()))(X))
@@ -42,11 +42,11 @@ class TestErrors(expecttest.TestCase):
 
     def test_inplace_into_unbatched(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: torch.zeros(()).add_(x))(X))
-        self.assertExpectedInline(msg, """vmap: aten::add_.Tensor is an in-place operation that would write batched values into a tensor that is not batched. Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
+        self.assertExpectedInline(msg, """vmap: aten::add_.Tensor is an in-place operation that would write batched values into a tensor that is not batched (inplace aten::add_.Tensor(self, *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements than `self`). Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
 
     def test_random_with_randomness_error(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: x + torch.rand_like(x))(X))
-        self.assertExpectedInline(msg, """vmap: called random operation aten::rand_like.default under vmap with randomness='error'. Pass randomness='different' for independent draws per example or randomness='same' for one draw shared by every example.""")
+        self.assertExpectedInline(msg, """vmap: called random operation while in randomness error mode (aten::rand_like.default under vmap with randomness='error'). Pass randomness='different' for independent draws per example or randomness='same' for one draw shared by every example.""")
 
     def test_bad_randomness(self):
         msg = self.message(RuntimeError, lambda: ft.vmap(torch.sin, randomness="fresh"))
@@ -56,48 +56,48 @@ class TestErrors(expecttest.TestCase):
 
     def test_mismatched_batch_sizes(self):
         msg = self.message(ValueError, lambda: ft.vmap(torch.add)(X, torch.ones(4)))
-        self.assertExpectedInline(msg, """vmap(add, in_dims=0, out_dims=0)(<inputs>): expected every mapped input to have the same size in its mapped dimension, got sizes [3, 4].""")
+        self.assertExpectedInline(msg, """vmap(add, in_dims=0, out_dims=0)(<inputs>): Expected all tensors to have the same size in the mapped dimension, got sizes [3, 4] for the mapped inputs. Map over dimensions of one size, or pass the odd input with in_dim None.""")
 
     def test_in_dim_out_of_range(self):
         msg = self.message(ValueError, lambda: ft.vmap(torch.sin, in_dims=1)(X))
-        self.assertExpectedInline(msg, """vmap(sin, in_dims=1, out_dims=0)(<inputs>): got in_dim=1 for an input with 1 dims; in_dim must satisfy -1 <= in_dim < 1.""")
+        self.assertExpectedInline(msg, """vmap(sin, in_dims=1, out_dims=0)(<inputs>): Got in_dim=1 for some input, but that input is a Tensor of dimensionality 1; in_dim must satisfy -1 <= in_dim < 1.""")
 
     def test_in_dims_wrong_length(self):
         msg = self.message(ValueError, lambda: ft.vmap(torch.add, in_dims=(0,))(X, X))
-        self.assertExpectedInline(msg, """vmap(add, in_dims=(0,), out_dims=0)(<inputs>): in_dims has 1 entries but 2 positional argument(s) were passed. Give one in_dim per positional argument.""")
+        self.assertExpectedInline(msg, """vmap(add, in_dims=(0,), out_dims=0)(<inputs>): in_dims is not compatible with the structure of `inputs`: in_dims has 1 entries but 2 positional argument(s) were passed. Give one in_dim per positional argument.""")
 
     def test_in_dim_for_non_tensor(self):
         msg = self.message(ValueError, lambda: ft.vmap(lambda x, n: x * n, in_dims=(0, 0))(X, 2))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=(0, 0), out_dims=0)(<inputs>): got in_dim=0 for an input of type int. vmap can only map over Tensors; use None as the in_dim of non-Tensor inputs.""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=(0, 0), out_dims=0)(<inputs>): Got in_dim=0 for an input but the input is of type int. vmap can only map over Tensors; use None as the in_dim of non-Tensor inputs.""")
 
     def test_nothing_mapped(self):
         msg = self.message(ValueError, lambda: ft.vmap(torch.sin, in_dims=None)(X))
-        self.assertExpectedInline(msg, """vmap(sin, in_dims=None, out_dims=0)(<inputs>): at least one input must be a Tensor mapped over (all in_dims were None or no Tensor was passed).""")
+        self.assertExpectedInline(msg, """vmap(sin, in_dims=None, out_dims=0)(<inputs>): at least one Tensor must be mapped over, but all in_dims were None or no Tensor was passed. Give a Tensor input an integer in_dim.""")
 
     def test_out_dims_wrong_structure(self):
         msg = self.message(ValueError, lambda: ft.vmap(lambda x: (x, x), out_dims=(0, 0, 0))(X))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=(0, 0, 0))(<inputs>): out_dims is not compatible with the structure of the outputs. out_dims must be a prefix of the outputs' pytree structure (*, *).""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=(0, 0, 0))(<inputs>): out_dims is not compatible with the structure of `outputs`. out_dims must be a prefix of the outputs' pytree structure (*, *).""")
 
     def test_in_dims_wrong_structure(self):
         msg = self.message(
             ValueError, lambda: ft.vmap(lambda p: p[0] + p[1], in_dims=((0, 0, 0),))((X, X))
         )
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=((0, 0, 0),), out_dims=0)(<inputs>): in_dims is not compatible with the structure of the inputs. in_dims must be a prefix of the inputs' pytree structure ((*, *),).""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=((0, 0, 0),), out_dims=0)(<inputs>): in_dims is not compatible with the structure of `inputs`. in_dims must be a prefix of the inputs' pytree structure ((*, *),).""")
 
     def test_out_dim_out_of_range(self):
-        msg = self.message(ValueError, lambda: ft.vmap(lambda x: x, out_dims=2)(X))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=2)(<inputs>): out_dim=2 is out of range for an output with 0 dims per example.""")
+        msg = self.message(IndexError, lambda: ft.vmap(lambda x: x, out_dims=2)(X))
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=2)(<inputs>): Dimension out of range: out_dim=2 is out of range for an output with 0 dims per example (expected -1 <= out_dim < 1).""")
 
     def test_out_dims_on_non_tensor_output(self):
         msg = self.message(ValueError, lambda: ft.vmap(lambda x: (x, 1.0), out_dims=(0, 0))(X))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=(0, 0))(<inputs>): `f` must only return Tensors, got float. Set its out_dim to None to return it unbatched.""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=(0, 0))(<inputs>): `f` must only return Tensors, got type <class 'float'>. Set its out_dim to None to return it unbatched.""")
         # The fix the message suggests works.
         out, one = ft.vmap(lambda x: (x, 1.0), out_dims=(0, None))(X)
         self.assertEqual(one, 1.0)
 
     def test_out_dims_none_on_batched_output(self):
         msg = self.message(ValueError, lambda: ft.vmap(lambda x: x, out_dims=None)(X))
-        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=None)(<inputs>): out_dims is None for an output that depends on the mapped inputs. Only outputs that are the same for every example can use out_dims=None.""")
+        self.assertExpectedInline(msg, """vmap(<lambda>, in_dims=0, out_dims=None)(<inputs>): out_dims is None for an output that depends on the mapped inputs (vmap can not return a BatchedTensor when out_dim is None). Only outputs that are the same for every example can use out_dims=None.""")
 
     # -- grad -------------------------------------------------------------------------------
 
@@ -120,13 +120,13 @@ class TestErrors(expecttest.TestCase):
 
     def test_has_aux_without_tuple(self):
         msg = self.message(RuntimeError, lambda: ft.grad(lambda x: x.sum(), has_aux=True)(X))
-        self.assertExpectedInline(msg, """grad_and_value(f, has_aux=True)(*args): expected f to return a tuple (output, aux) when has_aux=True, got Tensor.""")
+        self.assertExpectedInline(msg, """grad_and_value(f)(*args): output of function f should be a tuple: (output, aux) if has_aux is True, got Tensor.""")
 
     def test_has_aux_with_three_outputs(self):
         msg = self.message(
             RuntimeError, lambda: ft.grad(lambda x: (x.sum(), 1, 2), has_aux=True)(X)
         )
-        self.assertExpectedInline(msg, """grad_and_value(f, has_aux=True)(*args): expected f to return a tuple (output, aux) when has_aux=True, got tuple.""")
+        self.assertExpectedInline(msg, """grad_and_value(f)(*args): output of function f should be a tuple: (output, aux) if has_aux is True, got tuple.""")
 
     def test_grad_of_int_tensor(self):
         msg = self.message(RuntimeError, lambda: ft.grad(lambda x: x.sum())(torch.arange(3)))
@@ -134,7 +134,48 @@ class TestErrors(expecttest.TestCase):
 
     def test_bad_argnums(self):
         msg = self.message(RuntimeError, lambda: ft.grad(torch.dot, argnums=2)(X, X))
-        self.assertExpectedInline(msg, """grad_and_value: got argnums=2, but the function was called with 2 positional argument(s). Each argnum must satisfy -2 <= argnum < 2.""")
+        self.assertExpectedInline(msg, """grad_and_value: got argnum=2, but only 2 positional inputs were given. Each argnum must satisfy -2 <= argnum < 2.""")
+
+    def test_argnums_catalogue(self):
+        msgs = [self.message(RuntimeError, lambda a=a: ft.grad(torch.dot, argnums=a)(X, X))
+                for a in [(), 0.0, (0, "1"), (0, -2)]]
+        self.assertExpectedInline("\n".join(msgs), """\
+grad_and_value: argnums must be non-empty: pass an int or a tuple of at least one int.
+grad_and_value: argnums must be int or Tuple[int, ...] (an int or a non-empty tuple of ints), got 0.0.
+grad_and_value: each argnum must be int, got '1' of type str in argnums=(0, '1').
+grad_and_value: argnums elements must be unique, got argnums=(0, -2), which names the same argument twice.""")
+
+    def test_empty_output(self):
+        msg = self.message(RuntimeError, lambda: ft.vjp(lambda x: None, X))
+        self.assertExpectedInline(msg, """vjp(f, *primals): Expected f to be a function that has non-empty output (got an output with no Tensors). Return at least one Tensor.""")
+        msg = self.message(RuntimeError, lambda: ft.jvp(lambda x: (), (X,), (X,)))
+        self.assertExpectedInline(msg, """jvp(f, primals, tangents): Expected f to be a function that has non-empty output (got an output with no Tensors). Return at least one Tensor.""")
+
+    def test_non_tensor_aux(self):
+        msg = self.message(
+            RuntimeError, lambda: ft.grad(lambda x: (x.sum(), [x, 1]), has_aux=True)(X)
+        )
+        self.assertExpectedInline(msg, """grad_and_value(f)(*args): the aux output of f must be a pytree of Tensors. Expected tensors, got unsupported type <class 'int'>. Return Python values through a closure or a global instead.""")
+
+    def test_jvp_strict(self):
+        msg = self.message(RuntimeError, lambda: ft.jvp(torch.sin, (X,), (X,), strict=True))
+        self.assertExpectedInline(msg, """jvp(f, primals, tangents, strict=True): strict mode is not yet implemented (as in torch.func). Call jvp without strict.""")
+
+    def test_requires_grad_inside_transform(self):
+        msg = self.message(RuntimeError, lambda: ft.vmap(lambda x: x.requires_grad_())(X))
+        self.assertExpectedInline(msg, """Tensor.requires_grad_() was called (perhaps by torch.autograd.functional.* APIs) on a tensor inside a functransforms transform (grad, vjp, vmap, jvp, ...). Inside a transform, use the transforms themselves (ft.grad, ft.vjp, ft.jacrev, ft.jacfwd, ft.hessian) instead, or call requires_grad_() outside the transformed function.""")
+
+    def test_retain_grad_inside_transform(self):
+        msg = self.message(RuntimeError, lambda: ft.grad(lambda x: (x.retain_grad(), x.sum())[1])(X))
+        self.assertExpectedInline(msg, """Tensor.retain_grad() was used on a tensor inside a functransforms transform (grad, vjp, vmap, jvp, ...). Inside a transform, gradients are return values: use ft.grad or ft.vjp on the function instead, or call Tensor.retain_grad() outside the transform.""")
+
+    def test_saved_tensor_hooks_under_grad(self):
+        def f(x):
+            with torch.autograd.graph.save_on_cpu():
+                return x.sin().sum()
+
+        msg = self.message(RuntimeError, lambda: ft.grad(f)(X))
+        self.assertExpectedInline(msg, """Grad transforms (grad, vjp, jacrev, hessian, ...) don't support saved tensor hooks (torch.func transforms don't yet support saved tensor hooks either): the hooks would see the transform's internal tensors. Use the hooks (e.g. save_on_cpu) outside the transformed function and around no transform call, or drop them.""")
 
     def test_captured_inplace_under_grad(self):
         captured = torch.zeros(3)
@@ -144,7 +185,7 @@ class TestErrors(expecttest.TestCase):
             return x.sum()
 
         msg = self.message(RuntimeError, lambda: ft.grad(f)(X))
-        self.assertExpectedInline(msg, """During a grad transform (grad, vjp, jacrev, ...), the function called the in-place operation aten::add_.Tensor on a tensor captured from outside the transform. Its gradient would be lost. Pass that tensor as an input of the transformed function, or use the out-of-place version of the operation.""")
+        self.assertExpectedInline(msg, """During a grad transform (grad, vjp, jacrev, ...), the function called the in-place operation aten::add_.Tensor that would mutate a captured Tensor (one from outside the transform). Its gradient would be lost. Pass that tensor as an input of the transformed function, or use the out-of-place version of the operation.""")
 
     def test_vjp_cotangent_shape(self):
         _, vjp_fn = ft.vjp(torch.sin, X)
@@ -194,10 +235,10 @@ class TestDebugging(expecttest.TestCase):
         ft.jvp(record, (torch.arange(2.0),), (torch.ones(2),))
         ft.functionalize(record)(torch.arange(2.0))
         self.assertExpectedInline("\n".join(seen), """\
-GradTensor(level=1, value=BatchedTensor(level=0, bdim=0, value=tensor([[0., 1.],
+GradTrackingTensor(lvl=2, value=BatchedTensor(lvl=1, bdim=0, value=tensor([[0., 1.],
         [2., 3.]])))
-DualTensor(level=0, primal=tensor([0., 1.]), tangent=tensor([1., 1.]))
-FunctionalTensor(level=0, value=tensor([0., 1.]))""")
+DualTensor(lvl=1, primal=tensor([0., 1.]), tangent=tensor([1., 1.]))
+FunctionalTensor(lvl=1, value=tensor([0., 1.]))""")
 
     def test_debug_unwrap(self):
         seen = []
@@ -210,7 +251,7 @@ FunctionalTensor(level=0, value=tensor([0., 1.]))""")
         ft.vmap(ft.grad(record))(x)
         one_level, plain = seen[0]
         self.assertExpectedInline(repr(one_level), """\
-BatchedTensor(level=0, bdim=0, value=tensor([[0., 1.],
+BatchedTensor(lvl=1, bdim=0, value=tensor([[0., 1.],
         [2., 3.]]))""")
         self.assertIs(type(plain), torch.Tensor)
         self.assertIs(plain, x)

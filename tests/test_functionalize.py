@@ -1,4 +1,6 @@
 """functionalize: same results and input mutations as the original, no mutations below."""
+import warnings
+
 import expecttest
 import pytest
 import torch
@@ -131,21 +133,43 @@ def test_kwargs_and_non_tensor_outputs():
     assert_close(x, torch.full((3,), 2.0))
 
 
+def test_inplace_view_ops_on_own_tensors():
+    # unsqueeze_/squeeze_/t_ re-point a tensor at a new view of its storage; later writes
+    # through views of it must reach the input, as in eager and torch.func.
+    def f(x):
+        z = x.view(8).reshape(2, 4).transpose(1, 0)
+        z.unsqueeze_(0)
+        z.squeeze_()
+        z.split(2)[0].add_(1)
+        y = x.clone()
+        y.t_()
+        y[0].mul_(3)
+        return x, y
+
+    for remove in ("mutations", "mutations_and_views"):
+        a, b, c = torch.randn(4, 2), torch.randn(4, 2), torch.randn(4, 2)
+        b.copy_(a)
+        c.copy_(a)
+        expected = f(a)
+        assert_close(ft.functionalize(f, remove=remove)(b), expected)
+        assert_close(torch.func.functionalize(f, remove=remove)(c), expected)
+        assert_close(b, a)
+
+
 class TestErrors(expecttest.TestCase):
     def test_bad_remove(self):
         with self.assertRaises(ValueError) as err:
             ft.functionalize(mutate_views, remove="views")
         self.assertExpectedInline(str(err.exception), """functionalize: remove must be one of ('mutations', 'mutations_and_views'), got 'views'.""")
 
-    def test_inplace_metadata_change(self):
+    def test_inplace_metadata_change_of_an_input(self):
         def f(x):
-            y = x.clone()
-            y.t_()
-            return y
+            x.t_()
+            return x
 
         with self.assertRaises(RuntimeError) as err:
             ft.functionalize(f)(torch.randn(2, 3))
-        self.assertExpectedInline(str(err.exception), """functionalize: aten::t_.default changes a tensor's shape or strides in place, which is not supported. Use the out-of-place version (e.g. `x = x.t()` instead of `x.t_()`).""")
+        self.assertExpectedInline(str(err.exception), """functionalize: aten::t_.default changes a tensor's shape or strides in place, which is supported only on tensors the function creates, not on its inputs. Use the out-of-place version (e.g. `x = x.t()` instead of `x.t_()`).""")
         eye = torch.eye(3)
         assert_close(ft.functionalize(mutate_intermediate)(eye), mutate_intermediate(eye))
 
@@ -160,3 +184,61 @@ class TestErrors(expecttest.TestCase):
             ft.functionalize(f)(torch.ones(3))
         self.assertExpectedInline(str(err.exception), """functionalize: aten::add_.Tensor writes into a tensor captured from outside the function. Pass it as an input so that the write can be applied back to it.""")
         assert_close(captured, torch.zeros(3))
+
+
+def test_writes_into_tensors_created_inside():
+    # Buffers the function creates belong to it (any dtype), as under torch.func.
+    def f(src):
+        buf = torch.zeros(4, 3)
+        buf[1:3].copy_(src)
+        idx = torch.zeros(3, dtype=torch.long)
+        idx[1] = 2
+        return buf * 2, idx
+
+    src = torch.randn(2, 3)
+    for remove in ("mutations", "mutations_and_views"):
+        assert_close(ft.functionalize(f, remove=remove)(src), torch.func.functionalize(f, remove=remove)(src))
+    batched = torch.randn(5, 2, 3)
+    assert_close(ft.vmap(ft.functionalize(f))(batched), torch.func.vmap(torch.func.functionalize(f))(batched))
+
+
+def test_out_arguments():
+    # out= writes its result into the buffer (resizing a fresh one), as under torch.func.
+    def f(x):
+        out = torch.empty(())
+        torch.add(x, x, out=out)
+        out.view(4).add_(1)
+        mins, maxs = torch.empty(2), torch.empty(1, 2)
+        torch.aminmax(x.view(2, 2), dim=0, out=(mins, maxs.view(2)))
+        return out, mins, maxs
+
+    x = torch.randn(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager's warning about resizing a non-empty out
+        expected = torch.func.functionalize(f)(x)
+        for remove in ("mutations", "mutations_and_views"):
+            assert_close(ft.functionalize(f, remove=remove)(x), expected)
+
+
+def test_resize():
+    # resize_ of an input is applied back to it; of an intermediate, later writes see the
+    # new shape (torch.func's results).
+    def grow(x):
+        x.resize_(10)
+        x.fill_(2)
+
+    def reshape_buffer(x):
+        y = x.clone()
+        y.resize_(2, 3)
+        y.fill_(1)
+        y[0].add_(x.sum())
+        return y
+
+    for remove in ("mutations", "mutations_and_views"):
+        ours, theirs = torch.zeros(0), torch.zeros(0)
+        ft.functionalize(grow, remove=remove)(ours)
+        torch.func.functionalize(grow, remove=remove)(theirs)
+        assert_close(ours, theirs)
+        x = torch.randn(6)
+        assert_close(ft.functionalize(reshape_buffer, remove=remove)(x),
+                     torch.func.functionalize(reshape_buffer, remove=remove)(x))

@@ -319,11 +319,11 @@ class TestErrors(expecttest.TestCase):
     def test_has_aux_wrong_structure(self):
         self.assertExpectedInline(
             self.error(ft.grad(lambda x: x.sum(), has_aux=True), torch.randn(3)),
-            """grad_and_value(f, has_aux=True)(*args): expected f to return a tuple (output, aux) when has_aux=True, got Tensor.""",
+            """grad_and_value(f)(*args): output of function f should be a tuple: (output, aux) if has_aux is True, got Tensor.""",
         )
         self.assertExpectedInline(
             self.error(ft.grad(lambda x: (x.sum(), 1, 2), has_aux=True), torch.randn(3)),
-            """grad_and_value(f, has_aux=True)(*args): expected f to return a tuple (output, aux) when has_aux=True, got tuple.""",
+            """grad_and_value(f)(*args): output of function f should be a tuple: (output, aux) if has_aux is True, got tuple.""",
         )
 
     def test_integer_input(self):
@@ -343,22 +343,22 @@ class TestErrors(expecttest.TestCase):
         x = torch.randn(3)
         self.assertExpectedInline(
             self.error(ft.grad(f, argnums=2), x, x),
-            """grad_and_value: got argnums=2, but the function was called with 2 positional argument(s). Each argnum must satisfy -2 <= argnum < 2.""",
+            """grad_and_value: got argnum=2, but only 2 positional inputs were given. Each argnum must satisfy -2 <= argnum < 2.""",
         )
         self.assertExpectedInline(
             self.error(ft.grad(f, argnums=(0, -2)), x, x),
-            """grad_and_value: argnums=(0, -2) names the same argument twice.""",
+            """grad_and_value: argnums elements must be unique, got argnums=(0, -2), which names the same argument twice.""",
         )
         self.assertExpectedInline(
             self.error(ft.grad(f, argnums=[0]), x, x),
-            """grad_and_value: argnums must be an int or a non-empty tuple of ints, got [0].""",
+            """grad_and_value: argnums must be int or Tuple[int, ...] (an int or a non-empty tuple of ints), got [0].""",
         )
 
     def test_inplace_on_captured_tensor(self):
         captured = torch.randn(3)
         self.assertExpectedInline(
             self.error(ft.grad(lambda x: captured.mul_(x).sum()), torch.randn(3)),
-            """During a grad transform (grad, vjp, jacrev, ...), the function called the in-place operation aten::mul_.Tensor on a tensor captured from outside the transform. Its gradient would be lost. Pass that tensor as an input of the transformed function, or use the out-of-place version of the operation.""",
+            """During a grad transform (grad, vjp, jacrev, ...), the function called the in-place operation aten::mul_.Tensor that would mutate a captured Tensor (one from outside the transform). Its gradient would be lost. Pass that tensor as an input of the transformed function, or use the out-of-place version of the operation.""",
         )
 
     def test_inplace_on_outer_level_tensor(self):
@@ -367,7 +367,7 @@ class TestErrors(expecttest.TestCase):
             return ft.grad(lambda y: captured.mul_(y).sum())(x.clone()).sum()
 
         msg = self.error(ft.grad(outer), torch.randn(3))
-        assert "captured from outside the transform" in msg
+        assert "mutate a captured Tensor" in msg
 
     def test_inplace_on_differentiated_input(self):
         # torch autograd's own check, as in torch.func.
@@ -388,3 +388,27 @@ def test_vmap_of_second_order(name):
 def test_vmap_of_grad_with_detach():
     f = lambda x: (x.detach() * x.exp() + x.tanh()).sum()  # noqa: E731
     both(lambda m: m.vmap(nest(m, f, 2)), torch.randn(4, 3))
+
+
+def test_tolist_and_repr_inside_grad_like_torch_func():
+    # Python values of a grad level's tensors are allowed, as under torch.func, conjugate
+    # views and nested levels included.
+    seen = []
+
+    def f(x):
+        seen.append((x.tolist(), x.conj().tolist()))
+        return (x * x.conj()).real.sum()
+
+    z = torch.tensor([1.0 + 2.0j, 3.0 + 4.0j])
+    torch.testing.assert_close(ft.grad(f)(z), torch.func.grad(f)(z))
+    assert seen[0] == seen[1]
+
+    def g(x):
+        inner = ft.grad(lambda y: (y ** 3).sum())(x)
+        seen.append((x.tolist(), inner.tolist()))
+        assert repr(x).startswith("GradTrackingTensor(lvl=1, value=")
+        return inner.sum()
+
+    x = torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(ft.grad(g)(x), 6 * x)
+    assert seen[-1] == ([1.0, 2.0], [3.0, 12.0])

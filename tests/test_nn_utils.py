@@ -327,19 +327,19 @@ Error(s) in reparametrizing for Sequential:
             ft.stack_module_state([mlp(), nn.Linear(3, 2)])
         self.assertExpectedInline(
             str(ctx.exception),
-            """stack_module_state: expected all models to be instances of the same class.""",
+            """stack_module_state: Expected all models to be of the same class.""",
         )
         with self.assertRaises(RuntimeError) as ctx:
             ft.stack_module_state([mlp(), mlp().eval()])
         self.assertExpectedInline(
             str(ctx.exception),
-            """stack_module_state: expected all models to be in the same mode (all training or all eval).""",  # noqa: B950
+            """stack_module_state: Expected all models to have the same training/eval mode (all training or all eval).""",  # noqa: B950
         )
         with self.assertRaises(RuntimeError) as ctx:
             ft.combine_state_for_ensemble([])
         self.assertExpectedInline(
             str(ctx.exception),
-            """combine_state_for_ensemble: expected at least one model, got 0.""",
+            """combine_state_for_ensemble: Expected at least one model, got 0.""",
         )
 
     def test_make_functional_with_buffers_needed(self):

@@ -149,16 +149,16 @@ class TestErrors(expecttest.TestCase):
         _, fn = ft.vjp(lambda x: (x * 2, {"a": x.sin()}), torch.randn(3))
         self.assertExpectedInline(
             self.error(fn, (torch.ones(3), torch.ones(3))),
-            """vjp_fn: expected cotangents with the same structure as the outputs of f, (*, {'a': *}), got (*, *).""",
+            """vjp_fn: Expected pytree structure of cotangents to be the same as pytree structure of outputs to the function: pass cotangents shaped like the outputs of f, (*, {'a': *}), got (*, *).""",
         )
         self.assertExpectedInline(
             self.error(fn, [torch.ones(3), {"a": torch.ones(3)}]),
-            """vjp_fn: expected cotangents with the same structure as the outputs of f, (*, {'a': *}), got [*, {'a': *}].""",
+            """vjp_fn: Expected pytree structure of cotangents to be the same as pytree structure of outputs to the function: pass cotangents shaped like the outputs of f, (*, {'a': *}), got [*, {'a': *}].""",
         )
         _, fn = ft.vjp(torch.sin, torch.randn(3))
         self.assertExpectedInline(
             self.error(fn, (torch.ones(3),)),
-            """vjp_fn: expected cotangents with the same structure as the outputs of f, *, got (*,).""",
+            """vjp_fn: Expected pytree structure of cotangents to be the same as pytree structure of outputs to the function: pass cotangents shaped like the outputs of f, *, got (*,).""",
         )
 
     def test_non_tensor_cotangent(self):
@@ -171,13 +171,13 @@ class TestErrors(expecttest.TestCase):
     def test_non_tensor_output(self):
         self.assertExpectedInline(
             self.error(ft.vjp, lambda x: (x, 1), torch.randn(3)),
-            """vjp(f, *primals): expected f(*primals) to return only Tensors, got int.""",
+            """vjp(f, *primals): expected f(*primals) to return only tensors, got unsupported type int.""",
         )
 
     def test_has_aux_wrong_structure(self):
         self.assertExpectedInline(
             self.error(lambda: ft.vjp(lambda x: x, torch.randn(3), has_aux=True)),
-            """vjp(f, *primals, has_aux=True): expected f to return a tuple (output, aux) when has_aux=True, got Tensor.""",
+            """vjp(f, *primals): output of function f should be a tuple: (output, aux) if has_aux is True, got Tensor.""",
         )
 
     def test_integer_primal(self):

@@ -131,37 +131,37 @@ class TestErrors(expecttest.TestCase):
 
         with self.assertRaises(ValueError) as ctx:
             ft.vmap(add)(torch.randn(3), torch.randn(4))
-        self.assertExpectedInline(str(ctx.exception), """vmap(add, in_dims=0, out_dims=0)(<inputs>): expected every mapped input to have the same size in its mapped dimension, got sizes [3, 4].""")
+        self.assertExpectedInline(str(ctx.exception), """vmap(add, in_dims=0, out_dims=0)(<inputs>): Expected all tensors to have the same size in the mapped dimension, got sizes [3, 4] for the mapped inputs. Map over dimensions of one size, or pass the odd input with in_dim None.""")
 
     def test_in_dim_out_of_range(self):
         with self.assertRaises(ValueError) as ctx:
             ft.vmap(torch.sin, in_dims=2)(torch.randn(3, 4))
-        self.assertExpectedInline(str(ctx.exception), """vmap(sin, in_dims=2, out_dims=0)(<inputs>): got in_dim=2 for an input with 2 dims; in_dim must satisfy -2 <= in_dim < 2.""")
+        self.assertExpectedInline(str(ctx.exception), """vmap(sin, in_dims=2, out_dims=0)(<inputs>): Got in_dim=2 for some input, but that input is a Tensor of dimensionality 2; in_dim must satisfy -2 <= in_dim < 2.""")
 
     def test_in_dims_wrong_structure(self):
         with self.assertRaises(ValueError) as ctx:
             ft.vmap(torch.add, in_dims=(0,))(torch.randn(3), torch.randn(3))
-        self.assertExpectedInline(str(ctx.exception), """vmap(add, in_dims=(0,), out_dims=0)(<inputs>): in_dims has 1 entries but 2 positional argument(s) were passed. Give one in_dim per positional argument.""")
+        self.assertExpectedInline(str(ctx.exception), """vmap(add, in_dims=(0,), out_dims=0)(<inputs>): in_dims is not compatible with the structure of `inputs`: in_dims has 1 entries but 2 positional argument(s) were passed. Give one in_dim per positional argument.""")
 
     def test_in_dim_on_non_tensor(self):
         with self.assertRaises(ValueError) as ctx:
             ft.vmap(lambda x, s: x * s, in_dims=(0, 0))(torch.randn(3), 2.0)
-        self.assertExpectedInline(str(ctx.exception), """vmap(<lambda>, in_dims=(0, 0), out_dims=0)(<inputs>): got in_dim=0 for an input of type float. vmap can only map over Tensors; use None as the in_dim of non-Tensor inputs.""")
+        self.assertExpectedInline(str(ctx.exception), """vmap(<lambda>, in_dims=(0, 0), out_dims=0)(<inputs>): Got in_dim=0 for an input but the input is of type float. vmap can only map over Tensors; use None as the in_dim of non-Tensor inputs.""")
 
     def test_all_in_dims_none(self):
         with self.assertRaises(ValueError) as ctx:
             ft.vmap(torch.sin, in_dims=None)(torch.randn(3))
-        self.assertExpectedInline(str(ctx.exception), """vmap(sin, in_dims=None, out_dims=0)(<inputs>): at least one input must be a Tensor mapped over (all in_dims were None or no Tensor was passed).""")
+        self.assertExpectedInline(str(ctx.exception), """vmap(sin, in_dims=None, out_dims=0)(<inputs>): at least one Tensor must be mapped over, but all in_dims were None or no Tensor was passed. Give a Tensor input an integer in_dim.""")
 
     def test_non_tensor_output(self):
         with self.assertRaises(ValueError) as ctx:
             ft.vmap(lambda x: 1.0)(torch.randn(3))
-        self.assertExpectedInline(str(ctx.exception), """vmap(<lambda>, in_dims=0, out_dims=0)(<inputs>): `f` must only return Tensors, got float. Set its out_dim to None to return it unbatched.""")
+        self.assertExpectedInline(str(ctx.exception), """vmap(<lambda>, in_dims=0, out_dims=0)(<inputs>): `f` must only return Tensors, got type <class 'float'>. Set its out_dim to None to return it unbatched.""")
 
     def test_out_dims_none_on_batched_output(self):
         with self.assertRaises(ValueError) as ctx:
             ft.vmap(lambda x: x * 2, out_dims=None)(torch.randn(3))
-        self.assertExpectedInline(str(ctx.exception), """vmap(<lambda>, in_dims=0, out_dims=None)(<inputs>): out_dims is None for an output that depends on the mapped inputs. Only outputs that are the same for every example can use out_dims=None.""")
+        self.assertExpectedInline(str(ctx.exception), """vmap(<lambda>, in_dims=0, out_dims=None)(<inputs>): out_dims is None for an output that depends on the mapped inputs (vmap can not return a BatchedTensor when out_dim is None). Only outputs that are the same for every example can use out_dims=None.""")
 
     def test_bad_randomness(self):
         with self.assertRaises(RuntimeError) as ctx:
@@ -191,3 +191,18 @@ def test_gru_with_batched_initial_state():
 
     expected = torch.stack([f(x[i], h0[i]) for i in range(5)])
     torch.testing.assert_close(ft.vmap(f)(x, h0), expected)
+
+
+def test_data_attribute_is_refused_like_torch_func():
+    def read(x):
+        return x.data
+
+    def write(x):
+        x.data = torch.ones(3)
+        return x
+
+    for vmap in (ft.vmap, torch.func.vmap):
+        with pytest.raises(RuntimeError, match="accessing `data` under vmap transform"):
+            vmap(read)(torch.randn(2, 3))
+        with pytest.raises(RuntimeError, match="mutating directly with `.data` under vmap"):
+            vmap(write)(torch.randn(2, 3))

@@ -67,6 +67,6 @@ class TestDropout(expecttest.TestCase):
 
         with self.assertRaises(RuntimeError) as ctx:
             ft.vmap(f)(q)
-        self.assertExpectedInline(str(ctx.exception), """vmap: called random operation aten::bernoulli_.float under vmap with randomness='error'. Pass randomness='different' for independent draws per example or randomness='same' for one draw shared by every example.""")
+        self.assertExpectedInline(str(ctx.exception), """vmap: called random operation while in randomness error mode (aten::bernoulli_.float under vmap with randomness='error'). Pass randomness='different' for independent draws per example or randomness='same' for one draw shared by every example.""")
         out = ft.vmap(f, randomness="different")(q)
         assert out.shape == q.shape

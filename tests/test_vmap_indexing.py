@@ -236,8 +236,7 @@ class TestErrors(expecttest.TestCase):
         return str(ctx.exception)
 
     def test_item(self):
-        self.assertExpectedInline(self._error(lambda x: x.sum().item(), X), """\
-vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python number (.item(), float(), int(), bool() or Python control flow such as `if x.sum() > 0:`). Every example has its own value, so there is no single number to return. Keep the computation in tensors: use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap.""")
+        self.assertExpectedInline(self._error(lambda x: x.sum().item(), X), """vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python number: it looks like you're calling .item() on a Tensor (or float(), int(), bool()) or attempting to use a Tensor in some data-dependent control flow (`if x.sum() > 0:`). Every example has its own value, so there is no single number to return. Keep the computation in tensors: use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap.""")
 
     def test_control_flow(self):
         msg = self._error(lambda x: x if x.sum() > 0 else -x, X)
@@ -248,8 +247,7 @@ vmap: aten::_local_scalar_dense.default turns a batched tensor into a Python num
         self.assertExpectedInline(self._error(lambda x: x.tolist(), X), """vmap: .tolist() would turn a batched tensor into Python numbers, but every example has its own values. Keep the computation in tensors, or return the tensor from the vmapped function and call .tolist() on the result.""")
 
     def test_dynamic_shape(self):
-        self.assertExpectedInline(self._error(lambda x: x.nonzero(), X), """\
-vmap: aten::nonzero.default returns a tensor whose shape depends on the values of its input, so the examples of one batch would need different shapes. Use a fixed-shape formulation instead: torch.where(mask, x, 0) in place of x[mask] or masked_select, or torch.nonzero_static(x, size=...) in place of nonzero.""")
+        self.assertExpectedInline(self._error(lambda x: x.nonzero(), X), """vmap: We do not support batching operators that can output dynamic shape. aten::nonzero.default returns a tensor whose shape depends on the values of its input (Attempted to vmap over aten::where(condition) or aten::nonzero, which torch.where(condition) and torch.nonzero run), so the examples of one batch would need different shapes. Use a fixed-shape formulation instead: torch.where(mask, x, 0) in place of x[mask] or masked_select, or torch.nonzero_static(x, size=...) in place of nonzero.""")
         msg = self._error(torch.masked_select, X, X > 0)
         self.assertIn("aten::masked_select.default returns a tensor whose shape", msg)
 
@@ -261,5 +259,4 @@ vmap: aten::nonzero.default returns a tensor whose shape depends on the values o
             t[i] = v
             return t
 
-        self.assertExpectedInline(self._error(f, IDX, randn(B, 4, 6)), """\
-vmap: aten::index_put_.default is an in-place operation that would write batched values into a tensor that is not batched. Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
+        self.assertExpectedInline(self._error(f, IDX, randn(B, 4, 6)), """vmap: aten::index_put_.default is an in-place operation that would write batched values into a tensor that is not batched (inplace aten::index_put_.default(self, *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements than `self`). Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")

@@ -312,7 +312,7 @@ class TestBatchNormRunningStatsError(expecttest.TestCase):
         bn = torch.nn.BatchNorm1d(3)
         with self.assertRaises(RuntimeError) as ctx:
             ft.vmap(bn)(torch.randn(B, 4, 3))
-        self.assertExpectedInline(str(ctx.exception), """vmap: batch norm in training mode got a batched input but unbatched running_mean/running_var, which it would have to update in place with per-example statistics. Either stop tracking running stats (build the module with track_running_stats=False, or call replace_all_batch_norm_modules_(model) to patch every batch norm of a model), pass batched running stats through functional_call, or put the module in eval mode.""")  # noqa: B950
+        self.assertExpectedInline(str(ctx.exception), """vmap: batch norm in training mode got a batched input but unbatched running_mean/running_var, which it would have to update in place with per-example statistics (Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated in place, were not batched). Either stop tracking running stats (build the module with track_running_stats=False, or call replace_all_batch_norm_modules_(model) to patch every batch norm of a model), pass batched running stats through functional_call, or put the module in eval mode.""")  # noqa: B950
 
     def test_eval_mode_and_untracked_stats_work(self):
         x = torch.randn(B, 4, 3)

@@ -181,12 +181,15 @@ def test_view_writes_through():
     torch.testing.assert_close(ft.vmap(f)(X), torch.func.vmap(f)(X))
 
 
-def test_view_of_moved_batch_dim_reshapes():
-    # Per example (2, 4) with the batch dim moved in from in_dims=1: the physical value
-    # cannot be viewed as is.
+def test_view_the_example_layout_refuses_raises():
+    # Per example (2, 4) with strides (12, 1) (in_dims=1): eager refuses view(8) on such a
+    # tensor, and so do torch.func and vmap, rather than silently copying.
     x = torch.randn(2, 3, 4)
-    got = ft.vmap(lambda t: t.view(8), in_dims=1)(x)
-    torch.testing.assert_close(got, x.movedim(1, 0).reshape(3, 8))
+    for vmap in (ft.vmap, torch.func.vmap):
+        with pytest.raises(RuntimeError, match="view size is not compatible"):
+            vmap(lambda t: t.view(8), in_dims=1)(x)
+    torch.testing.assert_close(ft.vmap(lambda t: t.reshape(8), in_dims=1)(x),
+                               x.movedim(1, 0).reshape(3, 8))
 
 
 def test_scalar_examples():
@@ -198,10 +201,12 @@ def test_scalar_examples():
 
 
 def test_channels_last_layout():
-    out = ft.vmap(lambda t: (t.contiguous(memory_format=torch.channels_last)
-                             .is_contiguous(memory_format=torch.channels_last)),
-                  out_dims=None)(M4)
-    assert out
+    out = ft.vmap(lambda t: t.contiguous(memory_format=torch.channels_last))(M4)
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in out)
+    # Querying it inside is refused, as in torch.func.
+    for vmap in (ft.vmap, torch.func.vmap):
+        with pytest.raises(RuntimeError, match="NYI: querying is_contiguous inside of vmap"):
+            vmap(lambda t: t.is_contiguous(memory_format=torch.channels_last))(M4)
 
 
 def test_new_factories_are_batched():
@@ -251,12 +256,10 @@ vmap: triu: input tensor must have at least 2 dimensions per example, got 1.""")
         buf = torch.zeros(4)
         with self.assertRaises(RuntimeError) as ctx:
             ft.vmap(lambda v: buf.copy_(v))(V)
-        self.assertExpectedInline(str(ctx.exception), """\
-vmap: aten::copy_.default is an in-place operation that would write batched values into a tensor that is not batched. Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
+        self.assertExpectedInline(str(ctx.exception), """vmap: aten::copy_.default is an in-place operation that would write batched values into a tensor that is not batched (inplace aten::copy_.default(self, *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements than `self`). Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
 
     def test_fill_unbatched_with_batched(self):
         buf = torch.zeros(4)
         with self.assertRaises(RuntimeError) as ctx:
             ft.vmap(lambda s: buf.fill_(s))(S)
-        self.assertExpectedInline(str(ctx.exception), """\
-vmap: aten::fill_.Tensor is an in-place operation that would write batched values into a tensor that is not batched. Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")
+        self.assertExpectedInline(str(ctx.exception), """vmap: aten::fill_.Tensor is an in-place operation that would write batched values into a tensor that is not batched (inplace aten::fill_.Tensor(self, *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements than `self`). Use the out-of-place version (for example `y = x + z` instead of `x += z`), or make the written tensor batched too.""")

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models
-from .harness import ORACLE, OURS, Table, add_row, ft_api
+from .harness import (
+    CAPTURED, COMPILED, ORACLE, OURS, TF_COMPILED, Table, add_row, compiled_builders, ft_api,
+    peer,
+)
 
 DOUBLE_BACKWARD = "autograd.functional.hvp (reverse-over-reverse)"
 FT_JACREV = f"{OURS} jacrev"
@@ -54,8 +57,30 @@ def hvp_builders(sizes, batch):
         leaves, tangents = tuple(params.values()), tuple(v[k] for k in names)
         return lambda: dict(zip(names, taf.hvp(loss, leaves, tangents)[1]))
 
+    def program(lib):
+        def make():
+            def loss(p):
+                return F.nll_loss(lib.functional_call(model, p, (x,)), y)
+            grad_loss, jvp = lib.grad(loss), lib.jvp
+            return lambda p, t: jvp(grad_loss, (p,), (t,))[1]
+        return make
+
+    def jax_jit():
+        jx = peer("jax")
+        jparams = models.jax_params(model)
+        jv = {k: jx.numpy.asarray(t.numpy()) for k, t in v.items()}
+        xj, yj = jx.numpy.asarray(x.numpy()), jx.numpy.asarray(y.numpy())
+
+        def loss(p):
+            logp = models.jax_forward(model, p, xj)
+            return -logp[jx.numpy.arange(batch), yj].mean()
+
+        fn = jx.jit(lambda p, t: jx.jvp(jx.grad(loss), (p,), (t,))[1])
+        return lambda: models.block(fn(jparams, jv))
+
     return {OURS: forward_over_reverse(_FtNamespace()), ORACLE: forward_over_reverse(tf),
-            DOUBLE_BACKWARD: double_backward}
+            **compiled_builders(program(_FtNamespace()), program(tf), (params, v)),
+            DOUBLE_BACKWARD: double_backward, "JAX jit": jax_jit}
 
 
 def jacfwd_builders(sizes):
@@ -83,7 +108,8 @@ def run(settings):
         key="forward_mode_hvp",
         title="Hessian-vector product of an MLP's nll loss w.r.t. its parameters, "
               "forward-over-reverse jvp(grad(loss))",
-        config_label="MLP sizes, batch", impls=[OURS, ORACLE, DOUBLE_BACKWARD],
+        config_label="MLP sizes, batch",
+        impls=[OURS, CAPTURED, COMPILED, ORACLE, TF_COMPILED, DOUBLE_BACKWARD, "JAX jit"],
     )
     hvp.notes.append(
         f"{OURS} and {ORACLE}: `jvp(grad(loss), (params,), (v,))[1]` with `params` a dict; "

@@ -5,7 +5,8 @@ The benchmark machine is shared, so its load drifts over seconds. Every implemen
 one configuration is timed in the same process, in rounds: each round times every
 implementation for about the same wall-clock slice, and the order rotates from round to
 round. A load spike therefore lands on all implementations alike, and the median over all
-calls of all rounds discards the spikes themselves.
+calls of all rounds discards the spikes themselves. Calls are timed in CPU time of the
+process (see ``_one_call``); compile times, in wall-clock time.
 """
 import importlib
 import os
@@ -20,6 +21,14 @@ import functransforms as ft
 
 OURS = "functransforms"
 ORACLE = "torch.func"
+CAPTURED = "functransforms capture"
+COMPILED = "functransforms compiled"
+TF_COMPILED = "torch.compile(torch.func)"
+# The torch.compile backend of both compiled columns; run.py sets it (--compile-backend,
+# "eager" in quick mode, where compiling with inductor would take minutes).
+COMPILE_BACKEND = "inductor"
+# (numerator, denominator) pairs whose per-round ratio every row reports when both ran.
+PAIRED = ((CAPTURED, ORACLE), (COMPILED, ORACLE), (COMPILED, TF_COMPILED))
 
 
 @dataclass
@@ -36,6 +45,8 @@ class Row:
     values: dict  # implementation -> seconds (or MiB); None when it did not run
     notes: list = field(default_factory=list)
     ratio: float = None  # functransforms / torch.func, paired round by round
+    ratios: dict = field(default_factory=dict)  # PAIRED -> ratio, paired round by round
+    compile_s: dict = field(default_factory=dict)  # implementation -> first-call seconds
     levels: int = 1  # transform levels, for per-op-and-level overhead
 
 
@@ -100,6 +111,34 @@ def peer_versions():
     return versions
 
 
+def compiled_builders(ours, theirs, args, no_grad=False):
+    """The captured, compiled and ``torch.compile(torch.func)`` implementations of one
+    transformed program: ``ours()`` / ``theirs()`` build the functransforms / torch.func
+    function, called on ``args``. The compiled ones warm up in their builder (capture
+    records on its first call and compiles on its second), and ``thunk.compile_s`` is
+    how long that took, so the timed calls never include compilation."""
+    def bind(fn, warm_calls):
+        def thunk():
+            return fn(*args)
+        if no_grad:
+            thunk = torch.no_grad()(thunk)
+        t0 = time.perf_counter()
+        for _ in range(warm_calls):
+            thunk()
+        thunk.compile_s = time.perf_counter() - t0 if warm_calls else None
+        return thunk
+
+    # torch.func's transforms share their wrappers' code objects, so every configuration
+    # compiled here counts as a recompile of the same frames; past dynamo's default limit (8)
+    # torch.compile would silently run the torch.func program eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return {
+        CAPTURED: lambda: bind(ft_api("capture")(ours()), 1),
+        COMPILED: lambda: bind(ft_api("capture")(ours(), backend=COMPILE_BACKEND), 2),
+        TF_COMPILED: lambda: bind(torch.compile(theirs(), backend=COMPILE_BACKEND), 1),
+    }
+
+
 def build(builders, notes):
     """Call each ``name -> () -> thunk`` builder; skipped ones leave a note instead."""
     impls = {}
@@ -114,9 +153,13 @@ def build(builders, notes):
 
 
 def _one_call(fn):
-    t0 = time.perf_counter()
+    # CPU time of this process, not wall-clock time: every implementation runs on one
+    # thread, and on a loaded machine wall-clock time also counts the waits for a core,
+    # which grow with a call's length (a long call is preempted more often than a short
+    # one), so wall-clock ratios of unequal calls drift with the load.
+    t0 = time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def compare(impls, settings, notes):
@@ -200,6 +243,11 @@ def add_row(table, config, builders, settings, checked=None):
     check_outputs(outputs, ORACLE, row.notes, checked)
     row.values = {name: times.get(name) for name in table.impls}
     row.ratio = paired_ratio(per_round, OURS, ORACLE)
+    for num, den in PAIRED:
+        if num in impls and den in impls:
+            row.ratios[(num, den)] = paired_ratio(per_round, num, den)
+    row.compile_s = {name: fn.compile_s for name, fn in impls.items()
+                     if getattr(fn, "compile_s", None) is not None}
     table.rows.append(row)
     if OURS in impls and ORACLE in impls:
         table.profile_targets[config] = impls[OURS]

@@ -10,11 +10,14 @@ import torch.func as tf
 from torch import nn
 
 from . import models
-from .harness import OURS, Table, add_row, ft_api, peer
+from .harness import (
+    CAPTURED, COMPILED, OURS, TF_COMPILED, Table, add_row, compiled_builders, ft_api, peer,
+)
 
 LOOP = "autograd.functional vectorize=False"
 VECTORIZED = "autograd.functional vectorize=True"
-IMPLS = [OURS, "torch.func", LOOP, VECTORIZED, "JAX jit", "JAX no jit"]
+IMPLS = [OURS, CAPTURED, COMPILED, "torch.func", TF_COMPILED, LOOP, VECTORIZED, "JAX jit",
+         "JAX no jit"]
 
 
 def function(width):
@@ -68,6 +71,8 @@ def builders(transform, width, chunk_size=None):
 
     return {
         OURS: ours,
+        **compiled_builders(lambda: ft_api(name)(target, **chunk),
+                            lambda: getattr(tf, name)(target, **chunk), (x,)),
         "torch.func": theirs,
         LOOP: lambda: lambda: autograd_functional(model, x, False),
         VECTORIZED: lambda: lambda: autograd_functional(model, x, True),

@@ -10,7 +10,42 @@ from .harness import ORACLE, OURS, Table, add_row, ft_api
 from .models import CHAIN, chain, chain_sum
 
 EAGER = "eager (no transform)"
-IMPLS = [OURS, ORACLE, EAGER]
+FLOOR = "dispatch floor"
+IMPLS = [OURS, ORACLE, FLOOR, EAGER]
+
+
+class _Floor(torch.Tensor):
+    """The least a transform level written in Python does per op: one ``__torch_dispatch__``
+    that unwraps the arguments, runs the op and wraps the result. A grad level also needs
+    torch autograd to record on the wrapper, which a leaf that requires grad gives it."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, value, requires_grad=False):
+        t = torch.Tensor._make_wrapper_subclass(cls, value.shape, dtype=value.dtype,
+                                                device=value.device, requires_grad=requires_grad)
+        t._value = value
+        return t
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        values = [a._value if type(a) is _Floor else a for a in args]
+        return _Floor(func._op(*values, **(kwargs or {})))
+
+
+def _floor(name, x):
+    """The floor's version of the row: vmap's one dispatch per op, grad's one per op of the
+    forward and of the backward pass; None where it has no one-level counterpart."""
+    if name == "vmap":
+        wrapped = _Floor(x)
+        return lambda: chain(wrapped)._value
+    if name == "grad":
+        def run():
+            leaf = _Floor(x, requires_grad=True)
+            return torch.autograd.grad(chain_sum(leaf), leaf)[0]._value
+        return run
+    return None
 
 
 def _vmap(lib):
@@ -57,7 +92,11 @@ def builders(name):
             return lambda: fn(x)
         return make
 
-    return {OURS: bind(_FtNamespace()), ORACLE: bind(tf), EAGER: lambda: lambda: eager(x)}
+    impls = {OURS: bind(_FtNamespace()), ORACLE: bind(tf), EAGER: lambda: lambda: eager(x)}
+    floor = _floor(name, x)
+    if floor is not None:
+        impls[FLOOR] = lambda: floor
+    return impls
 
 
 def run(settings):
@@ -83,8 +122,18 @@ def run(settings):
             return f"{(t - e) * table.scale / row.levels:.2f}"
         return cell
 
+    def over_floor(row):
+        t, f = row.values.get(OURS), row.values.get(FLOOR)
+        return "n/a" if t is None or f is None else f"{t / f:.2f}"
+
     table.extra_columns = [
         (f"{OURS} overhead µs/op/level", per_level(OURS)),
         (f"{ORACLE} overhead µs/op/level", per_level(ORACLE)),
+        (f"{OURS} / {FLOOR}", over_floor),
     ]
+    table.notes.append(
+        f"{FLOOR}: the chain on a minimal wrapper subclass whose `__torch_dispatch__` unwraps, "
+        "runs the op and rewraps (grad row: a leaf that requires grad, then "
+        "`torch.autograd.grad`, so torch autograd records on the wrapper as at a grad level): "
+        "what any transform level written in Python pays per op.")
     return [table]

@@ -10,14 +10,17 @@ import torch
 import torch.func as tf
 import torch.nn.functional as F
 
-from . import models
-from .harness import OURS, Table, add_row, ft_api, peer
+from . import harness, models
+from .harness import (
+    CAPTURED, COMPILED, OURS, TF_COMPILED, Table, add_row, compiled_builders,
+    ft_api, peer,
+)
 
 MODELS = {"MLP": models.mlp, "CNN": models.cnn}
 INPUT_SHAPE = {"MLP": (784,), "CNN": (1, 28, 28)}
 LOOP = "loop (autograd.grad per example)"
-CAPTURED = "functransforms capture"
-IMPLS = [OURS, CAPTURED, "torch.func", LOOP, "Opacus", "JAX jit", "JAX no jit"]
+IMPLS = [OURS, CAPTURED, COMPILED, "torch.func", TF_COMPILED, LOOP, "Opacus", "JAX jit",
+         "JAX no jit"]
 
 
 def data(model_name, batch):
@@ -47,13 +50,6 @@ def builders(model_name, batch):
     def ours():
         return _vmap_grad(ft_api("vmap"), ft_api("grad"), ft_api("functional_call"),
                           model, params, x, y)
-
-    def captured():
-        # The same transformed function, recorded on the first (warm-up) call and replayed.
-        psg = ft_api("capture")(
-            _psg_function(ft_api("vmap"), ft_api("grad"), ft_api("functional_call"), model)
-        )
-        return lambda: psg(params, x, y)
 
     def loop():
         names, leaves = zip(*model.named_parameters())
@@ -94,7 +90,12 @@ def builders(model_name, batch):
 
     return {
         OURS: ours,
-        CAPTURED: captured,
+        **compiled_builders(
+            lambda: _psg_function(ft_api("vmap"), ft_api("grad"), ft_api("functional_call"),
+                                  model),
+            lambda: _psg_function(tf.vmap, tf.grad, tf.functional_call, model),
+            (params, x, y),
+        ),
         "torch.func": lambda: _vmap_grad(tf.vmap, tf.grad, tf.functional_call,
                                          model, params, x, y),
         LOOP: loop,
@@ -121,20 +122,15 @@ def run(settings):
         table.notes.append(
             f"{CAPTURED}: `ft.capture(vmap(grad(loss)))`, which records the plain aten ops of the "
             "first call and replays them (NOTE [Capture and replay] in functransforms/api/"
-            "capture.py). The other functransforms row is the eager transform."
+            f"capture.py); {COMPILED}: `ft.capture(..., backend=\"{harness.COMPILE_BACKEND}\")`, the "
+            f"recorded graph compiled (NOTE [Compiled capture]); {TF_COMPILED}: "
+            f"`torch.compile(torch.func.vmap(torch.func.grad(loss)), backend=\"{harness.COMPILE_BACKEND}\")`. "
+            f"{OURS}: the eager transform."
         )
-        table.extra_columns = [(f"{CAPTURED} / torch.func", _ratio_cell(CAPTURED, "torch.func"))]
         for batch in batches:
             add_row(table, batch, builders(model_name, batch), settings)
         tables.append(table)
     return tables
-
-
-def _ratio_cell(num, den):
-    def cell(row):
-        a, b = row.values.get(num), row.values.get(den)
-        return f"{a / b:.2f}" if a and b else "n/a"
-    return cell
 
 
 def _describe(model_name):

@@ -24,6 +24,7 @@ A call the tape cannot stand for runs eagerly every time instead: inputs that re
 or a result that did not come out of a recorded op.
 """
 import functools
+import operator
 import warnings
 
 import torch
@@ -125,7 +126,7 @@ class _Recorder(TorchDispatchMode):
             outs = tuple(self._slot(o) if isinstance(o, torch.Tensor) else None for o in out)
         else:
             outs = None  # None, or a metadata value nothing later reads from the tape
-        self.steps.append((func._op, step_args, step_kwargs, outs))
+        self.steps.append((func, step_args, step_kwargs, outs))
 
 
 class _Tape:
@@ -148,10 +149,55 @@ class _Tape:
         for s, i in last_use.items():
             if s not in keep:
                 frees[i].append(s)
+        self.recorded = recorder.steps
         self.steps = [
-            (op, *_compile_args(a, k), outs, tuple(f))
+            (op._op, *_compile_args(a, k), outs, tuple(f))
             for (op, a, k, outs), f in zip(recorder.steps, frees)
         ]
+
+    def to_graph(self, inputs, constants_as_inputs):
+        """The tape as an FX graph, without its output node: ``(graph, attrs, nodes)``.
+
+        ``inputs`` names one placeholder per leaf of the call, ``(name, is_tensor)``; the
+        tensor ones stand for the tape's input slots in order. Captured constants become
+        placeholders after them (``constants_as_inputs``) or ``get_attr`` nodes whose
+        tensors ``attrs`` holds by reference. ``nodes`` maps every slot to its node.
+        """
+        graph = torch.fx.Graph()
+        nodes, attrs = {}, {}
+        for name, is_tensor in inputs:
+            node = graph.placeholder(name)
+            if is_tensor:
+                nodes[len(nodes)] = node
+        for k, (index, t) in enumerate(self.constants):
+            name = f"_constant{k}"
+            if constants_as_inputs:
+                nodes[index] = graph.placeholder(name)
+            else:
+                attrs[name] = t
+                nodes[index] = graph.get_attr(name)
+
+        def arg(a):
+            kind = type(a)
+            if kind is _Slot:
+                return nodes[a.index]
+            if kind is tuple or kind is list:
+                return kind(arg(b) for b in a)
+            return a
+
+        for func, a, k, outs in self.recorded:
+            if func._schema.name in _METADATA_ONLY:
+                continue  # its Python result is already baked into the ops that read it
+            node = graph.create_node("call_function", func, arg(a),
+                                     {n: arg(v) for n, v in k.items()},
+                                     name=func._schema.name.split("::")[-1])
+            if type(outs) is int:
+                nodes[outs] = node
+            elif outs is not None:
+                for i, slot in enumerate(outs):
+                    if slot is not None:
+                        nodes[slot] = graph.call_function(operator.getitem, (node, i))
+        return graph, attrs, nodes
 
     def run(self, inputs):
         env = [None] * self.num_slots
@@ -270,16 +316,42 @@ def _signature(leaves, spec):
     return tuple(key)
 
 
-def capture(func):
+def _unrecordable(leaves):
+    """Why a call cannot be recorded (``_signature`` said None): the reason, in words."""
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if type(leaf) is not torch.Tensor:
+                return f"an input is a tensor subclass ({type(leaf).__name__})"
+            if leaf.requires_grad:
+                return ("an input requires grad (torch autograd around the call needs the "
+                        "eager ops; pass detached inputs to record)")
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return f"an argument is not hashable ({type(leaf).__name__})"
+    return None
+
+
+def capture(func, *, backend=None, mode=None, options=None):
     """``func`` recorded once per input signature and replayed as plain aten ops.
 
     For transformed functions whose Python dispatch overhead dominates (small models,
     per-sample gradients at small batch): ``capture(vmap(grad(loss)))``. ``func`` must be a
     pure function of its tensor inputs, as for a tracing JIT: see NOTE [Capture and replay]
     for what is baked in and which calls run eagerly instead.
+
+    ``backend`` (any ``torch.compile`` backend name, e.g. ``"inductor"``; ``mode`` and
+    ``options`` are passed on to ``torch.compile``) runs each signature's recording as one
+    compiled FX graph instead of replaying it op by op: see NOTE [Compiled capture].
     """
     tapes = {}
     warned = []  # falling back to eager execution is a slow path: say so once per function
+    compile_kwargs = None
+    if backend is not None:
+        compile_kwargs = {"backend": backend, "mode": mode, "options": options}
+    elif mode is not None or options is not None:
+        raise ValueError("capture: mode and options are torch.compile's; pass a backend too")
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -288,8 +360,7 @@ def capture(func):
         if key is None:
             if not warned:
                 warned.append(True)
-                _warn_eager(func, "an input is a tensor subclass or requires grad, or an "
-                                  "argument is not hashable")
+                _warn_eager(func, _unrecordable(leaves))
             return func(*args, **kwargs)
         tape = tapes.get(key)
         if tape is not None:
@@ -307,10 +378,84 @@ def capture(func):
         if failure is not None and not warned:
             warned.append(True)
             _warn_eager(func, failure)
+        if compile_kwargs is not None and tape is not _EAGER:
+            tape = _CompiledTape(tape, func, compile_kwargs)
         tapes[key] = tape
         return result
 
     return wrapper
+
+
+class _CompiledTape:
+    """One signature's recording as an FX graph run by ``torch.compile``.
+
+    NOTE [Compiled capture]
+    ``capture(f, backend=...)`` records exactly as plain capture does (NOTE [Capture and
+    replay]): same signatures, same calls that run eagerly, same limit of signatures. A
+    recording becomes an FX graph whose inputs are the call's tensors followed by the
+    captured constants (so their values, not copies, are read at every call, and in-place
+    updates of parameters are seen), and whose outputs are the results the ops computed
+    (returned inputs and constants are handed back as themselves). The graph goes to
+    ``torch.compile(fullgraph=True, dynamic=False)``: the first call with a signature records
+    eagerly, the second compiles (the compile time is paid there, once per signature) and
+    every call runs the compiled program under ``no_grad``. On top of what capture bakes in,
+    the backend may fuse and reorder floating-point work, so results can differ from eager
+    ones in the last bits; random ops draw anew on each call, from the backend's own stream
+    (inductor's differs from eager's). In-place writes into inputs and buffers reach them.
+    If the backend fails on a graph, that signature is replayed op by op, with a warning.
+    """
+
+    def __init__(self, tape, func, compile_kwargs):
+        self.tape = tape
+        self.func = func
+        self.compile_kwargs = compile_kwargs
+        constant_slots = {index: t for index, t in tape.constants}
+        self.constants = list(constant_slots.values())
+        # Each result leaf: ("graph", None) from the compiled outputs in order, ("input", i),
+        # or ("value", v) for a captured constant or a non-tensor.
+        self.sources, computed = [], []
+        for slot, value in zip(tape.out_slots, tape.out_constants):
+            if slot is None:
+                self.sources.append(("value", value))
+            elif slot < tape.num_inputs:
+                self.sources.append(("input", slot))
+            elif slot in constant_slots:
+                self.sources.append(("value", constant_slots[slot]))
+            else:
+                self.sources.append(("graph", None))
+                computed.append(slot)
+        inputs = [(f"input{i}", True) for i in range(tape.num_inputs)]
+        graph, _, nodes = tape.to_graph(inputs, constants_as_inputs=True)
+        graph.output(tuple(nodes[s] for s in computed))
+        self.graph_module = torch.fx.GraphModule({}, graph)
+        self.compiled = None
+
+    def run(self, inputs):
+        compiled = self.compiled
+        if compiled is None:
+            return self._first_run(inputs)
+        outs = iter(compiled(*inputs, *self.constants))
+        leaves = [next(outs) if kind == "graph" else inputs[v] if kind == "input" else v
+                  for kind, v in self.sources]
+        return self.tape.rebuild_output(leaves)
+
+    def _first_run(self, inputs):
+        self.compiled = torch.compile(self.graph_module, fullgraph=True, dynamic=False,
+                                      **self.compile_kwargs)
+        try:
+            return self.run(inputs)
+        except Exception as e:  # the backend's failure: compile errors surface on first call
+            self.run = self.tape.run  # from now on, for this signature
+            # torch.compile wraps the backend's own error
+            e = getattr(e, "inner_exception", None) or e.__cause__ or e
+            backend = self.compile_kwargs["backend"]
+            name = getattr(self.func, "__name__", repr(self.func))
+            message = str(e).strip().splitlines()
+            warnings.warn(
+                f"capture({name}, backend={getattr(backend, '__name__', backend)!r}): "
+                f"compiling failed ({type(e).__name__}: {message[0] if message else ''}); "
+                f"replaying the recorded ops for this signature instead.", stacklevel=4)
+            return self.tape.run(inputs)
 
 
 _EAGER = object()

@@ -4,36 +4,33 @@ import torch
 from ..core.wrapper import LevelTensor
 from ..core.mode import adopting_new_tensors
 from ..forward.interpreter import JvpInterpreter
-from .pytree import split_aux, tree_flatten, tree_unflatten
+from .pytree import check_outputs, split_aux, structure_repr, tree_flatten, tree_unflatten
 
 _API = "jvp(f, primals, tangents)"
 
 
 def _check_inputs(primals, tangents):
+    # Each refusal also carries torch.func's wording, so code matching its messages still works.
     if not isinstance(primals, tuple):
         raise RuntimeError(
-            f"{_API}: primals must be a tuple of the positional arguments of f (f(*primals) is "
-            f"called), got {type(primals).__name__}."
-        )
-    if not isinstance(tangents, tuple):
-        raise RuntimeError(
-            f"{_API}: tangents must be a tuple with the same structure as primals, got "
-            f"{type(tangents).__name__}."
+            f"{_API}: Expected primals to be a tuple. E.g. it should be valid to call "
+            f"f(*primals). Got {type(primals).__name__}."
         )
     flat_primals, primals_spec = tree_flatten(primals)
     flat_tangents, tangents_spec = tree_flatten(tangents)
-    if primals_spec != tangents_spec:
+    if not isinstance(tangents, tuple) or primals_spec != tangents_spec:
         raise RuntimeError(
-            f"{_API}: primals and tangents must have the same pytree structure (one tangent "
-            f"per primal), got primals {primals_spec} and tangents {tangents_spec}."
+            f"{_API}: Expected primals and tangents to have the same python structure (one "
+            f"tangent per primal, in a tuple like primals), got primals "
+            f"{structure_repr(primals_spec)} and tangents {structure_repr(tangents_spec)}."
         )
     if not flat_primals:
-        raise RuntimeError(f"{_API}: primals must contain at least one Tensor.")
+        raise RuntimeError(f"{_API}: Expected primals to contain at least one Tensor.")
     for p, t in zip(flat_primals, flat_tangents):
         for name, x in (("primals", p), ("tangents", t)):
             if not isinstance(x, torch.Tensor):
                 raise RuntimeError(
-                    f"{_API}: {name} must contain only Tensors, got {type(x).__name__}."
+                    f"{_API}: Expected {name} to only contain Tensors, got {type(x).__name__}."
                 )
         if not (p.is_floating_point() or p.is_complex()):
             raise RuntimeError(
@@ -65,6 +62,11 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
     >>> torch.allclose(t, x.cos())
     True
     """
+    if strict:
+        raise RuntimeError(
+            f"{_API[:-1]}, strict=True): strict mode is not yet implemented (as in torch.func). "
+            f"Call jvp without strict."
+        )
     flat_primals, flat_tangents, spec = _check_inputs(primals, tangents)
     with JvpInterpreter() as level:
         duals = [
@@ -75,14 +77,10 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
             result = func(*tree_unflatten(duals, spec))
         output, aux = split_aux(result, has_aux, _API)
         flat_out, out_spec = tree_flatten(output)
+        check_outputs(flat_out, _API)
         values = []
         out_tangents = []
         for o in flat_out:
-            if not isinstance(o, torch.Tensor):
-                raise RuntimeError(
-                    f"{_API}: f must return only Tensors (or a pytree of them), got "
-                    f"{type(o).__name__}."
-                )
             if isinstance(o, LevelTensor) and o._level is level:
                 values.append(o._value)
                 out_tangents.append(o._tangent)

@@ -17,10 +17,12 @@ functionalize.
 import functools
 
 import torch
+from torch.utils._mode_utils import no_dispatch
 
 from ..autograd_function import custom_function_call, custom_function_rule
 from ..batching.fallback import op_name
 from ..core.levels import Interpreter, lowering
+from ..core.mode import adopting_new_tensors
 from ..core.wrapper import LevelTensor, mutated_arg_positions
 from .pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -47,18 +49,25 @@ class FunctionalTensor(LevelTensor):
         return self
 
     def __repr__(self, *, tensor_contents=None):
-        return f"FunctionalTensor(level={self._level.depth}, value={self._value!r})"
+        return f"FunctionalTensor(lvl={self._level.depth + 1}, value={self._value!r})"
 
 
 class FunctionalizeInterpreter(Interpreter):
     kind = "functionalize"
+    adopts_every_dtype = True
 
     def __init__(self, remove="mutations"):
         super().__init__()
         self.views_as_copies = remove == "mutations_and_views"
+        self.inputs = []
 
     def lift(self, value):
         return FunctionalTensor(value, self, _Storage(value), ())
+
+    def adopt(self, tensor):
+        # A tensor the function creates (``buf = torch.zeros(3)``) is the function's own:
+        # writes into it are functionalized like writes into any intermediate.
+        return self.lift(tensor)
 
     def current(self, x):
         """``x``'s value one level down, brought up to date with writes through aliases."""
@@ -86,7 +95,10 @@ class FunctionalizeInterpreter(Interpreter):
         return self.current(a)
 
     def process(self, func, args, kwargs):
-        _check_supported(func, kwargs)
+        if torch.Tag.inplace_view in func.tags and func is not aten.resize_.default:
+            return self._inplace_view(func, args, kwargs)
+        if kwargs and _out_variant(func) is not None:
+            return self._out(func, args, kwargs)
         values = [self._unwrap(a) for a in args]
         if kwargs:
             kwargs = {k: self._unwrap(v) for k, v in kwargs.items()}
@@ -107,6 +119,56 @@ class FunctionalizeInterpreter(Interpreter):
         with lowering(None):
             out = func(*values, **kwargs)
         return self._wrap_fresh(out)
+
+    def _inplace_view(self, func, args, kwargs):
+        # ``x.unsqueeze_(0)`` re-points x at a new view of the same storage: the chain
+        # grows by the out-of-place view, and the wrapper takes the new shape.
+        target = args[0]
+        twin = _functional_twin(func)
+        if (twin is None or not (isinstance(target, LevelTensor) and target._level is self)
+                or any(target is w for w in self.inputs)):
+            # An input's new shape could not be applied back to the caller's tensor.
+            raise RuntimeError(
+                f"functionalize: aten::{op_name(func)} changes a tensor's shape or strides in "
+                f"place, which is supported only on tensors the function creates, not on its "
+                f"inputs. Use the out-of-place version (e.g. `x = x.t()` instead of `x.t_()`)."
+            )
+        rest = tuple(self._unwrap(a) for a in args[1:])
+        kwargs = {k: self._unwrap(v) for k, v in kwargs.items()}
+        op = _copy_twin(twin) if self.views_as_copies else twin
+        with lowering(None):
+            value = op(self.current(target), *rest, **kwargs)
+        target._chain = target._chain + ((twin, rest, kwargs, None),)
+        target._value = value
+        with no_dispatch():
+            target.as_strided_(value.shape, value.stride())
+        return target
+
+    def _out(self, func, args, kwargs):
+        # ``torch.add(a, b, out=buf)``: the functional op, then its result written into
+        # ``buf`` like any in-place write (resizing it, as out= does, when shapes differ).
+        outs, functional = _out_variant(func)
+        if functional is None:
+            raise RuntimeError(
+                f"functionalize: aten::{op_name(func)} was called with out= and has no "
+                f"out-of-place version to replace it with. Use the out-of-place operation."
+            )
+        targets = [kwargs[name] for name in outs]
+        for t in targets:
+            if not (isinstance(t, LevelTensor) and t._level is self):
+                raise RuntimeError(
+                    f"functionalize: aten::{op_name(func)} writes into a tensor captured from "
+                    f"outside the function. Pass it as an input so that the write can be "
+                    f"applied back to it."
+                )
+        values = [self._unwrap(a) for a in args]
+        rest = {k: self._unwrap(v) for k, v in kwargs.items() if k not in outs}
+        with lowering(None):
+            out = functional(*values, **rest)
+            results = out if type(out) in (tuple, list) else (out,)
+            for target, new in zip(targets, results):
+                self._write(func, target, new)
+        return targets[0] if len(targets) == 1 else tuple(targets)
 
     def _view_of(self, source, value, step):
         return FunctionalTensor(value, self, source._storage, source._chain + (step,))
@@ -143,10 +205,17 @@ class FunctionalizeInterpreter(Interpreter):
 
     def _write(self, func, target, new):
         if new.shape != target.shape:
-            raise RuntimeError(
-                f"functionalize: aten::{op_name(func)} changes the shape of a tensor in place "
-                f"({tuple(target.shape)} -> {tuple(new.shape)}), which is not supported."
-            )
+            if target._chain:
+                raise RuntimeError(
+                    f"functionalize: aten::{op_name(func)} changes the shape of a view in place "
+                    f"({tuple(target.shape)} -> {tuple(new.shape)}), which is not supported. "
+                    f"Resize the base tensor instead."
+                )
+            # resize_ (or an out= op resizing its buffer): the base itself takes the new
+            # shape; an input's new shape is applied back to it on the way out.
+            with no_dispatch():
+                target.resize_(new.shape)
+                target.as_strided_(new.shape, new.stride())
         if new.dtype != target.dtype:
             new = new.to(target.dtype)
         storage = target._storage
@@ -220,21 +289,28 @@ def _functional_twin(func):
     return twin
 
 
-def _check_supported(func, kwargs):
-    if torch.Tag.inplace_view in func.tags:
-        raise RuntimeError(
-            f"functionalize: aten::{op_name(func)} changes a tensor's shape or strides in "
-            f"place, which is not supported. Use the out-of-place version "
-            f"(e.g. `x = x.t()` instead of `x.t_()`)."
-        )
-    if kwargs and any(
-        a.kwarg_only and a.alias_info is not None and a.alias_info.is_write and a.name in kwargs
-        for a in func._schema.arguments
-    ):
-        raise RuntimeError(
-            f"functionalize: aten::{op_name(func)} was called with out=. Use the "
-            f"out-of-place version of the operation."
-        )
+_out_cache = {}
+
+
+def _out_variant(func):
+    """``(out argument names, functional overload)`` for an ``out=`` overload, else None."""
+    entry = _out_cache.get(func)
+    if entry is None:
+        outs = tuple(a.name for a in func._schema.arguments
+                     if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write)
+        functional = None
+        if outs:
+            names = [a.name for a in func._schema.arguments if a.name not in outs]
+            packet = getattr(aten, func._schema.name.split("::")[-1], None)
+            for overload in packet.overloads() if packet is not None else ():
+                op = getattr(packet, overload)
+                args = op._schema.arguments
+                if [a.name for a in args] == names and not any(
+                        a.alias_info is not None and a.alias_info.is_write for a in args):
+                    functional = op
+                    break
+        entry = _out_cache[func] = (outs, functional) if outs else (None,)
+    return entry if entry[0] else None
 
 
 def functionalize(func, *, remove="mutations"):
@@ -262,8 +338,10 @@ def functionalize(func, *, remove="mutations"):
         flat_in, in_spec = tree_flatten((args, kwargs))
         with FunctionalizeInterpreter(remove) as level:
             lifted = [level.lift(x) if isinstance(x, torch.Tensor) else x for x in flat_in]
+            level.inputs = [w for w in lifted if isinstance(w, FunctionalTensor)]
             f_args, f_kwargs = tree_unflatten(lifted, in_spec)
-            out = func(*f_args, **f_kwargs)
+            with adopting_new_tensors(level):
+                out = func(*f_args, **f_kwargs)
             out = tree_map(level.current, out)
             written = [
                 (x, level.current(w))
@@ -271,6 +349,8 @@ def functionalize(func, *, remove="mutations"):
                 if isinstance(w, FunctionalTensor) and w._storage.version
             ]
         for original, new in written:
+            if original.shape != new.shape:
+                original.resize_(new.shape)
             original.copy_(new)
         return out
 

@@ -16,10 +16,11 @@ import functools
 
 import torch
 
+from ..core.levels import current_level
 from ..core.wrapper import LevelTensor
 from .forward import jvp
-from .pytree import normalize_argnums, select_args, tree_flatten, tree_unflatten
-from .reverse import vjp
+from .pytree import map_tensors, normalize_argnums, select_args, tree_flatten, tree_unflatten
+from .reverse import _vjp_with_argnums
 from .vmap import vmap
 
 
@@ -42,7 +43,10 @@ def _basis_rows(numels, start, length, like):
 
 def _check_chunk_size(chunk_size, api):
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{api}: chunk_size must be a positive int or None, got {chunk_size!r}.")
+        raise ValueError(
+            f"{api}: `chunk_size` should be greater than 0. Pass a positive int, or None for "
+            f"all rows in one pass; got {chunk_size!r}."
+        )
 
 
 def _check_float(tensors, api, what):
@@ -53,16 +57,23 @@ def _check_float(tensors, api, what):
             )
         if t.is_complex():
             raise RuntimeError(
-                f"{api}: {what}s of complex dtype ({t.dtype}) are not supported; take the real "
-                f"and imaginary parts as separate real tensors."
+                f"{api}: Expected all {what}s to be real but received complex tensor "
+                f"(dtype {t.dtype}); take the real and imaginary parts as separate real "
+                f"tensors."
             )
 
 
 def _with_diff_args(func, args, argnums_list, kwargs):
-    """``func`` as a function of the differentiated args only; the others stay fixed."""
+    """``func`` as a function of the differentiated args only; the others stay fixed.
+
+    As in torch.func, the fixed Tensor args belong to the transform level that calls ``f``
+    (a zero tangent under jvp), so ``f`` may write that level's values into them."""
 
     def f(*diff):
-        full = list(args)
+        level = current_level()
+        full = [map_tensors(lambda x: level.adopt(x) if isinstance(x, torch.Tensor) else x, a)
+                if i not in argnums_list and isinstance(a, (torch.Tensor, tuple, list, dict))
+                else a for i, a in enumerate(args)]
         for i, d in zip(argnums_list, diff):
             full[i] = d
         return func(*full, **kwargs)
@@ -84,12 +95,14 @@ def _regroup(per_out_per_in, out_spec, in_spec, argnums):
     return tree_unflatten(per_out, out_spec)
 
 
-def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None):
+def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None, _preallocate_and_copy=False):
     """The Jacobian of ``func`` w.r.t. the args at ``argnums``, by reverse mode.
 
     The result is an output pytree whose leaves are input pytrees (an int ``argnums``
     gives one tensor per output); a leaf has shape ``output.shape + input.shape``.
     ``chunk_size`` computes that many Jacobian rows per pass to bound memory.
+    ``_preallocate_and_copy`` is accepted for torch.func compatibility: chunks are always
+    written into a preallocated Jacobian here (NOTE [Jacobians as one batched pass]).
 
     >>> x = torch.randn(5)
     >>> torch.allclose(jacrev(torch.sin)(x), torch.diag(x.cos()))
@@ -103,11 +116,11 @@ def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None):
         primals = select_args(args, argnums_list)
         flat_in, in_spec = tree_flatten(primals)
         _check_float(flat_in, "jacrev", "input")
-        f = _with_diff_args(func, args, argnums_list, kwargs)
+        result = _vjp_with_argnums(func, args, kwargs, argnums_list, has_aux, "jacrev")
         if has_aux:
-            output, vjp_fn, aux = vjp(f, *primals, has_aux=True)
+            output, vjp_fn, aux = result
         else:
-            output, vjp_fn = vjp(f, *primals)
+            output, vjp_fn = result
         flat_out, out_spec = tree_flatten(output)
         _check_float(flat_out, "jacrev", "output")
         out_numels = [o.numel() for o in flat_out]

@@ -6,7 +6,7 @@ from ..core.wrapper import LevelTensor
 
 __all__ = ["tree_flatten", "tree_map", "tree_unflatten", "broadcast_to_and_flatten",
            "unwrap_tree", "flatten_tensors", "map_tensors", "normalize_argnums", "select_args",
-           "structure_repr", "split_aux", "type_name"]
+           "structure_repr", "split_aux", "check_outputs", "type_name"]
 
 
 def broadcast_to_and_flatten(prefix, spec):
@@ -54,24 +54,38 @@ def unwrap_tree(tree, level):
 
 
 def normalize_argnums(argnums, num_args, api):
+    # Each refusal also carries torch.func's wording, so code matching its messages still works.
     if isinstance(argnums, int):
         argnums_tuple = (argnums,)
-    elif isinstance(argnums, tuple) and argnums and all(isinstance(a, int) for a in argnums):
+    elif isinstance(argnums, tuple):
+        if not argnums:
+            raise RuntimeError(
+                f"{api}: argnums must be non-empty: pass an int or a tuple of at least one int."
+            )
         argnums_tuple = argnums
     else:
         raise RuntimeError(
-            f"{api}: argnums must be an int or a non-empty tuple of ints, got {argnums!r}."
+            f"{api}: argnums must be int or Tuple[int, ...] (an int or a non-empty tuple of "
+            f"ints), got {argnums!r}."
         )
     normalized = []
     for a in argnums_tuple:
+        if not isinstance(a, int):
+            raise RuntimeError(
+                f"{api}: each argnum must be int, got {a!r} of type {type(a).__name__} in "
+                f"argnums={argnums!r}."
+            )
         if not -num_args <= a < num_args:
             raise RuntimeError(
-                f"{api}: got argnums={argnums!r}, but the function was called with {num_args} "
-                f"positional argument(s). Each argnum must satisfy {-num_args} <= argnum < {num_args}."
+                f"{api}: got argnum={a}, but only {num_args} positional inputs were given. "
+                f"Each argnum must satisfy {-num_args} <= argnum < {num_args}."
             )
         normalized.append(a % num_args)
     if len(set(normalized)) != len(normalized):
-        raise RuntimeError(f"{api}: argnums={argnums!r} names the same argument twice.")
+        raise RuntimeError(
+            f"{api}: argnums elements must be unique, got argnums={argnums!r}, which names the "
+            f"same argument twice."
+        )
     return normalized
 
 
@@ -96,12 +110,35 @@ def type_name(x):
 
 def split_aux(result, has_aux, call):
     """``(output, aux)`` of a function called with ``has_aux``; ``call`` names the user's call
-    in the error message (``grad_and_value(f, has_aux=True)(*args)``)."""
+    in the error message (``grad_and_value(f)(*args)``)."""
     if not has_aux:
         return result, None
     if not (isinstance(result, tuple) and len(result) == 2):
         raise RuntimeError(
-            f"{call}: expected f to return a tuple (output, aux) when has_aux=True, got "
-            f"{type_name(result)}."
+            f"{call}: output of function f should be a tuple: (output, aux) if has_aux is "
+            f"True, got {type_name(result)}."
         )
-    return result
+    output, aux = result
+    for leaf in tree_flatten(aux)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            raise RuntimeError(
+                f"{call}: the aux output of f must be a pytree of Tensors. Expected tensors, got "
+                f"unsupported type {type(leaf)}. Return Python values through a closure or a "
+                f"global instead."
+            )
+    return output, aux
+
+
+def check_outputs(flat_out, call, what="f(*primals)"):
+    """f's flattened outputs must be a non-empty list of Tensors (torch.func's rule)."""
+    if not flat_out or (len(flat_out) == 1 and flat_out[0] is None):
+        raise RuntimeError(
+            f"{call}: Expected f to be a function that has non-empty output (got an output "
+            f"with no Tensors). Return at least one Tensor."
+        )
+    for o in flat_out:
+        if not isinstance(o, torch.Tensor):
+            raise RuntimeError(
+                f"{call}: expected {what} to return only tensors, got unsupported type "
+                f"{type_name(o)}."
+            )

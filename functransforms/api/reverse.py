@@ -7,6 +7,7 @@ from ..core.mode import adopting_new_tensors
 from ..reverse.backward import autograd_grad, backward_at
 from ..reverse.interpreter import GradInterpreter
 from .pytree import (
+    check_outputs,
     normalize_argnums,
     split_aux,
     tree_flatten,
@@ -57,16 +58,43 @@ def _tree_str(spec):
     return repr(tree_unflatten([_Leaf()] * spec.num_leaves, spec))
 
 
+def _lift_args(level, args, argnums_list, api):
+    """The positional args as ``level`` sees them: the differentiated ones as leaves that
+    require grad, every other Tensor as a constant of the level (as torch.func wraps all
+    inputs), so that ``f`` may write the level's values into them (``y.copy_(x)``) or build
+    new tensors from them (``y.new_zeros(3)``) that it then writes into."""
+    args = list(args)
+    diff = []
+    for i, a in enumerate(args):
+        if i in argnums_list:
+            continue
+        args[i] = map_tensors(lambda x: _adopt(level, x), a) if _has_tensor_leaf(a) else a
+    for i in argnums_list:
+        d = _lift_inputs(level, args[i], api)
+        diff.append(d)
+        args[i] = d
+    return args, diff
+
+
+def _adopt(level, x):
+    return level.adopt(x) if isinstance(x, torch.Tensor) else x
+
+
+def _has_tensor_leaf(a):
+    if isinstance(a, torch.Tensor):
+        return True
+    if isinstance(a, (tuple, list, dict)):
+        return any(isinstance(x, torch.Tensor) for x in tree_flatten(a)[0])
+    return False
+
+
 def _grad_and_value(func, argnums, has_aux, args, kwargs, api):
     argnums_list = normalize_argnums(argnums, len(args), api)
     with GradInterpreter() as level, torch.enable_grad():
-        args = list(args)
-        diff = [_lift_inputs(level, args[i], api) for i in argnums_list]
-        for i, d in zip(argnums_list, diff):
-            args[i] = d
+        args, diff = _lift_args(level, args, argnums_list, api)
         with adopting_new_tensors(level):
             result = func(*args, **kwargs)
-        output, aux = split_aux(result, has_aux, f"{api}(f, has_aux=True)(*args)")
+        output, aux = split_aux(result, has_aux, f"{api}(f)(*args)")
         _check_scalar_output(output, api)
         if output.is_complex():
             raise RuntimeError(
@@ -130,29 +158,39 @@ def vjp(func, *primals, has_aux=False):
     ``vjp_fn(cotangents)`` takes cotangents shaped like ``output`` and returns one gradient
     per primal. It can be called many times and inside other transforms (``vmap(vjp_fn)``).
     """
+    return _vjp_with_argnums(func, primals, {}, None, has_aux)
+
+
+def _vjp_with_argnums(func, args, kwargs, argnums, has_aux, api="vjp"):
+    """vjp of ``func(*args, **kwargs)`` with respect to the args at ``argnums`` (all of them
+    when None); the others are constants of the level (see ``_lift_args``). ``vjp_fn``
+    returns one gradient per differentiated arg."""
     level = GradInterpreter()
     with level, torch.enable_grad():
-        lifted = _lift_inputs(level, primals, "vjp")
+        if argnums is None:
+            lifted = _lift_inputs(level, args, api)
+            call_args = lifted
+        else:
+            call_args, diff = _lift_args(level, args, argnums, api)
+            lifted = tuple(diff)
         with adopting_new_tensors(level):
-            result = func(*lifted)
-        output, aux = split_aux(result, has_aux, "vjp(f, *primals, has_aux=True)")
+            result = func(*call_args, **kwargs)
+        output, aux = split_aux(result, has_aux, "vjp(f, *primals)")
         flat_out, out_spec = tree_flatten(output)
-        for o in flat_out:
-            if not isinstance(o, torch.Tensor):
-                raise RuntimeError(
-                    f"vjp(f, *primals): expected f(*primals) to return only Tensors, got "
-                    f"{type(o).__name__}."
-                )
+        check_outputs(flat_out, "vjp(f, *primals)")
         flat_in, in_spec = tree_flatten(lifted)
         primals_out = tree_unflatten([unwrap_tree(o, level) for o in flat_out], out_spec)
         aux = unwrap_tree(aux, level)
 
-    def vjp_fn(cotangents, retain_graph=True):
+    def vjp_fn(cotangents, retain_graph=True, create_graph=None):
+        # create_graph is accepted for torch.func's signature: whether the backward pass is
+        # recorded follows grad mode, as there.
         flat_ct, ct_spec = tree_flatten(cotangents)
         if ct_spec != out_spec:
             raise RuntimeError(
-                f"vjp_fn: expected cotangents with the same structure as the outputs of f, "
-                f"{_tree_str(out_spec)}, got {_tree_str(ct_spec)}."
+                f"vjp_fn: Expected pytree structure of cotangents to be the same as pytree "
+                f"structure of outputs to the function: pass cotangents shaped like the "
+                f"outputs of f, {_tree_str(out_spec)}, got {_tree_str(ct_spec)}."
             )
         for ct, o in zip(flat_ct, flat_out):
             if not isinstance(ct, torch.Tensor):

@@ -24,12 +24,20 @@ def reset_fallback_counts():
 
 
 def note_fallback(func):
-    name = op_name(func)
+    _note(op_name(func), f"there is no batching rule for aten::{op_name(func)}, so it runs")
+
+
+def note_nested_loop():
+    """vmap over nested tensors runs the whole function once per component."""
+    _note("<nested tensor inputs>", "nested tensor inputs are mapped over by running the "
+          "function")
+
+
+def _note(name, what):
     _counts[name] = _counts.get(name, 0) + 1
     if name not in _warned:
         _warned.add(name)
         warnings.warn(
-            f"vmap: there is no batching rule for aten::{name}, so it runs once per example "
-            f"in a Python loop. Results are correct but slow.",
-            stacklevel=2,
+            f"vmap: {what} once per example in a Python loop. Results are correct but slow.",
+            stacklevel=3,
         )

@@ -42,7 +42,40 @@ class BatchedTensor(LevelTensor):
         return LevelTensor._make(cls, value, level, value.shape[1:], value.stride()[1:])
 
     def __repr__(self, *, tensor_contents=None):
-        return f"BatchedTensor(level={self._level.depth}, bdim=0, value={self._value!r})"
+        # torch.func's format (levels counted from 1); the batch dim is always in front here.
+        return f"BatchedTensor(lvl={self._level.depth + 1}, bdim=0, value={self._value!r})"
+
+    # ``.data`` would hand out (or replace) the batched value behind autograd's back; refused
+    # while the level runs, as torch.func does.
+    @property
+    def data(self):
+        if self._level.alive:
+            raise RuntimeError(
+                "vmap: accessing `data` under vmap transform is not allowed: it would detach "
+                "a batched tensor from autograd. Use x.detach() instead."
+            )
+        return self._value.data
+
+    @data.setter
+    def data(self, value):
+        if not self._level.alive:
+            torch.Tensor.data.__set__(self, value)
+            return
+        raise RuntimeError(
+            "vmap: mutating directly with `.data` under vmap transform is not allowed. Use "
+            "x.copy_(value) (with torch.no_grad() if needed) instead."
+        )
+
+    def is_contiguous(self, memory_format=torch.contiguous_format):
+        # Python-level callers only (C++ reads the wrapper's strides). Channels-last
+        # contiguity of one example is refused, as torch.func does.
+        if memory_format is not torch.contiguous_format and self._level.alive:
+            raise RuntimeError(
+                f"vmap: NYI: querying is_contiguous inside of vmap for memory_format other "
+                f"than torch.contiguous_format (got {memory_format}). Query it outside vmap, "
+                f"or make the layout explicit with .contiguous(memory_format=...)."
+            )
+        return super().is_contiguous(memory_format=memory_format)
 
     def tolist(self):
         # torch refuses .tolist() on any subclass before dispatch, with a message that does
@@ -57,6 +90,7 @@ class BatchedTensor(LevelTensor):
 
 
 _NO_KWARGS = {}
+_STRIDED = torch.strided
 
 
 class VmapAxis(Axis):
@@ -81,6 +115,9 @@ class VmapAxis(Axis):
 
 class VmapInterpreter(Interpreter):
     kind = "vmap"
+    # Filled by random_mode.py: the context that, under randomness='different', gives
+    # dropout of an unbatched input one mask per example (NOTE [Randomness]).
+    different_randomness_context = None
 
     def __init__(self, batch_size, randomness="error", axis_name=None):
         super().__init__()
@@ -111,20 +148,27 @@ class VmapInterpreter(Interpreter):
             self._binding.__enter__()
         super().__enter__()
         # See NOTE [Randomness] in random_mode.py.
-        self._mode = None
+        self._mode = self._function_mode = None
         if self.randomness != "same":
             self._mode = transform_mode_active()
             self._mode.__enter__()
+        if self.randomness == "different" and self.different_randomness_context is not None:
+            self._function_mode = self.different_randomness_context()
+            self._function_mode.__enter__()
         return self
 
     def __exit__(self, *exc):
         try:
-            if self._mode is not None:
-                self._mode.__exit__(*exc)
+            if self._function_mode is not None:
+                self._function_mode.__exit__(*exc)
         finally:
-            super().__exit__(*exc)
-            if self._binding is not None:
-                self._binding.__exit__(*exc)
+            try:
+                if self._mode is not None:
+                    self._mode.__exit__(*exc)
+            finally:
+                super().__exit__(*exc)
+                if self._binding is not None:
+                    self._binding.__exit__(*exc)
         return False
 
     def process(self, func, args, kwargs):
@@ -206,6 +250,12 @@ class VmapInterpreter(Interpreter):
                 f"and running it once per example cannot return (or reshape) a view. Use the "
                 f"op's *_copy variant or an out-of-place formulation."
             )
+        if self.batch_size == 0:
+            raise RuntimeError(
+                f"vmap: aten::{op_name(func)} has no batching rule, and running it once per "
+                f"example cannot give a result's shape with no examples (The fallback path "
+                f"does not support vmap over dims of size 0). Map over a non-empty dimension."
+            )
         note_fallback(func)
         check_random(self, func, args, kwargs)
         mutated = mutated_arg_positions(func)
@@ -256,6 +306,10 @@ class _NeedsFallback(Exception):
 def _rule_handler(rule, func):
     returned = returned_arg_positions(func)
     aliasing = aliasing_op(func)
+    # Random in-place rules check the written tensor themselves: the randomness mode's
+    # refusals come first, as in torch.func.
+    written = () if torch.Tag.nondeterministic_seeded in func.tags else [
+        i for i in returned if i is not None]
 
     def handle(interp, func, args, kwargs):
         if returned:
@@ -263,8 +317,8 @@ def _rule_handler(rule, func):
             if rebound is not None:
                 return rebound
         values, bdims, tracked = interp.unwrap_args(args)
-        for i in returned:
-            if i is not None and bdims[i] is None:
+        for i in written:
+            if bdims[i] is None:
                 raise RuntimeError(inplace_into_unbatched_message(func))
         try:
             if kwargs:
@@ -292,6 +346,9 @@ def _rule_handler(rule, func):
         if type(out) is torch.Tensor or isinstance(out, torch.Tensor):
             if out_bdims is None or (type(out_bdims) in (list, tuple) and out_bdims[0] is None):
                 return out
+            if (type(out) is torch.Tensor and out.layout is _STRIDED and not out.is_complex()
+                    and out.is_contiguous()):
+                return new_wrapper(BatchedTensor, out, interp, out.shape[1:])
             return BatchedTensor(out, interp)
         return interp.wrap_out(out, out_bdims)
 
@@ -365,7 +422,7 @@ def _elementwise_handler(general, func):
         out = op(*values)
         if not isinstance(out, torch.Tensor):
             return interp.wrap_out(out, 0)  # frexp and the few other multi-output ones
-        if is_plain_layout(out):
+        if type(out) is torch.Tensor and out.layout is _STRIDED and not out.is_complex() and out.is_contiguous():
             return new_wrapper(BatchedTensor, out, interp, out.shape[1:])
         return BatchedTensor(out, interp)
 
@@ -394,11 +451,15 @@ def _choose_handler(func):
 def check_random(interp, func, args=(), kwargs=None):
     if (torch.Tag.nondeterministic_seeded in func.tags and interp.randomness == "error"
             and _draws(func, args, kwargs or {})):
-        raise RuntimeError(
-            f"vmap: called random operation aten::{op_name(func)} under vmap with "
-            f"randomness='error'. Pass randomness='different' for independent draws per "
-            f"example or randomness='same' for one draw shared by every example."
-        )
+        raise RuntimeError(random_in_error_mode_message(func))
+
+
+def random_in_error_mode_message(func):
+    return (
+        f"vmap: called random operation while in randomness error mode (aten::{op_name(func)} "
+        f"under vmap with randomness='error'). Pass randomness='different' for independent "
+        f"draws per example or randomness='same' for one draw shared by every example."
+    )
 
 
 def _draws(func, args, kwargs):
@@ -412,8 +473,11 @@ def _draws(func, args, kwargs):
 
 
 def inplace_into_unbatched_message(func):
+    # The parenthesis is torch.func's wording of the same refusal.
     return (
         f"vmap: aten::{op_name(func)} is an in-place operation that would write batched values "
-        f"into a tensor that is not batched. Use the out-of-place version (for example "
-        f"`y = x + z` instead of `x += z`), or make the written tensor batched too."
+        f"into a tensor that is not batched (inplace aten::{op_name(func)}(self, *extra_args) is "
+        f"not possible because there exists a Tensor `other` in extra_args that has more "
+        f"elements than `self`). Use the out-of-place version (for example `y = x + z` instead "
+        f"of `x += z`), or make the written tensor batched too."
     )

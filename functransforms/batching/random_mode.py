@@ -13,13 +13,26 @@ ops here (this module registers itself with ``register_random_handler``):
     tensors draw with their inputs expanded to the batch sizes of the 'different' levels;
   * 'same': the plain draw is already shared by every example, so nothing is done.
 Only ops tagged ``nondeterministic_seeded`` come here.
+
+Dropout of an unbatched input under 'different' draws its mask with an in-place op
+(``empty_like(x).bernoulli_(p)``) into a tensor that is not batched, which could only give
+every example the same mask. Like torch.func, which intercepts dropout before it
+decomposes, a torch-function mode (active only under 'different') batches the input first:
+each example then gets its own mask.
 """
+import threading
+
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..core.levels import level_stack
 from ..core.mode import register_random_handler
 from .fallback import op_name
-from .interpreter import BatchedTensor
+from ..core.wrapper import LevelTensor
+from .interpreter import (
+    BatchedTensor, VmapInterpreter, check_random, random_in_error_mode_message,
+)
 from .rules.random import random_factory
 
 
@@ -33,40 +46,94 @@ def unbatched_random(func, args, kwargs):
         return random_factory(levels[-1], func, args, kwargs)
     for lvl in levels:
         if lvl.randomness == "error":
-            raise RuntimeError(
-                f"vmap: called random operation aten::{op_name(func)} under vmap with "
-                f"randomness='error'. Pass randomness='different' for independent draws per "
-                f"example or randomness='same' for one draw shared by every example."
-            )
+            raise RuntimeError(random_in_error_mode_message(func))
     different = [lvl for lvl in levels if lvl.randomness == "different"]
     if not different:
         return func(*args, **kwargs)
-    draw = _draw_by_expanding_inputs(func, args, kwargs, tuple(lvl.batch_size for lvl in different))
-    for lvl in different:
-        draw = BatchedTensor(draw, lvl)
-    return draw
+    return _draw_with_batched_inputs(func, args, kwargs, different)
 
 
-def _draw_by_expanding_inputs(func, args, kwargs, batch_shape):
-    """Random ops on plain tensors (bernoulli(p), rand_like(x), normal(mean, std)): give
-    their tensor inputs the batch shape, so each example gets its own draw."""
-    def expand(a):
-        if isinstance(a, torch.Tensor):
-            return a.expand(batch_shape + tuple(a.shape))
-        return a
-    mutated = [i for i, arg in enumerate(func._schema.arguments)
-               if arg.alias_info is not None and arg.alias_info.is_write]
-    if mutated:
+def _draw_with_batched_inputs(func, args, kwargs, levels):
+    """Random ops on plain tensors (bernoulli(p), rand_like(x), multinomial(probs)): give
+    their tensor inputs every 'different' level's batch dim, and let the batching rules
+    draw once per example."""
+    if any(arg.alias_info is not None and arg.alias_info.is_write
+           for arg in func._schema.arguments):
         raise RuntimeError(
             f"vmap: aten::{op_name(func)} would write independent random draws into a tensor "
-            f"that is not batched. Use randomness='same', or make the tensor batched."
+            f"that is not batched (cannot ask for different inplace randomness on an unbatched "
+            f"tensor). Use randomness='same', or make the tensor batched."
         )
-    args = [expand(a) for a in args]
-    kwargs = {k: expand(v) for k, v in kwargs.items()}
-    out = func(*args, **kwargs)
-    if out.shape[: len(batch_shape)] != batch_shape:
-        out = out.expand(batch_shape + tuple(out.shape))
-    return out
+
+    def batched(a):
+        return _expand_into(a, levels) if isinstance(a, torch.Tensor) else a
+
+    return func(*[batched(a) for a in args], **{k: batched(v) for k, v in kwargs.items()})
 
 
-register_random_handler(unbatched_random)
+def _expand_into(x, levels):
+    """``x``, the same for every example, as a tensor batched at each of ``levels``."""
+    # Outermost first: each level's wrapper must hold the outer ones.
+    for lvl in levels:
+        x = BatchedTensor(x.expand(lvl.batch_size, *x.shape), lvl)
+    return x
+
+
+_DROPOUTS = frozenset([
+    F.dropout, F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, torch.dropout, torch.alpha_dropout, torch.feature_dropout,
+    torch.feature_alpha_dropout,
+])
+_local = threading.local()
+
+
+def _batched_at(x, level):
+    while isinstance(x, LevelTensor):
+        if x._level is level:
+            return True
+        x = x._value
+    return False
+
+
+class _DropoutDrawsPerExample(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DROPOUTS and args and isinstance(args[0], torch.Tensor):
+            levels = [lvl for lvl in level_stack()
+                      if lvl.kind == "vmap" and lvl.alive and lvl.randomness == "different"]
+            x = args[0]
+            if not any(_batched_at(x, lvl) for lvl in levels):
+                args = (_expand_into(x, levels), *args[1:])
+        return func(*args, **kwargs)
+
+
+class _dropout_draws_per_example:
+    """One mode on the stack however many 'different' levels are nested."""
+
+    __slots__ = ("_mode",)
+
+    def __enter__(self):
+        self._mode = None
+        if not getattr(_local, "active", False):
+            _local.active = True
+            self._mode = _DropoutDrawsPerExample()
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._mode is not None:
+            _local.active = False
+            self._mode.__exit__(*exc)
+        return False
+
+
+def refuse_in_error_mode(func, args, kwargs):
+    """A random op that a jvp or grad level handles (jacfwd's tangents are batched, its
+    primals are not) is still a random op under the vmap levels below."""
+    for lvl in level_stack():
+        if lvl.kind == "vmap" and lvl.alive:
+            check_random(lvl, func, args, kwargs)
+
+
+register_random_handler(unbatched_random, check=refuse_in_error_mode)
+VmapInterpreter.different_randomness_context = _dropout_draws_per_example

@@ -103,6 +103,9 @@ class Interpreter:
     """One active transform. Subclasses implement ``process`` for the ops they own."""
 
     kind = "?"
+    # Whether the level claims new tensors of every dtype, not only floating/complex ones
+    # (functionalize must own integer buffers the function writes into, too).
+    adopts_every_dtype = False
 
     def __init__(self):
         self.depth = -1

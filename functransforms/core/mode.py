@@ -9,7 +9,9 @@ op matter to a transform without one:
   * factories inside ``f`` under grad or jvp (``buf = torch.zeros(3); buf[0] = x``): as in
     torch.func, a floating-point tensor created by the user's function belongs to the
     innermost transform, so later in-place writes of that level's values into it are
-    recorded instead of refused as writes into a captured tensor.
+    recorded instead of refused as writes into a captured tensor. (Copies of captured
+    tensors, ``w.clone()``, are not claimed: torch's C++ helpers make such copies inside
+    ``.tolist()`` and printing, and a wrapper there has no storage to read.)
 While either can happen (a vmap level with randomness other than 'same' is alive, or a
 grad/jvp level is running the user's function) this mode is on the mode stack. Ops with
 wrapper arguments go straight to ``LevelTensor.__torch_dispatch__``, as if no mode were
@@ -28,11 +30,16 @@ _local = threading.local()
 # How a random op that no wrapper reaches is drawn while a transform is active; one slot,
 # filled by the vmap interpreter when it is imported. Plain ``func`` call until then.
 _random_handler = [None]
+# ``check(func, args, kwargs)``, called for a random op that reaches a level other than vmap's (a jvp
+# level under jacfwd's vmap): the vmap levels below still have their say in 'error' mode.
+_random_check = [None]
 
 
-def register_random_handler(handler):
-    """Route random ops with no wrapper argument to ``handler(func, args, kwargs)``."""
+def register_random_handler(handler, check=None):
+    """Route random ops with no wrapper argument to ``handler(func, args, kwargs)``, and
+    random ops handled by a non-vmap level through ``check(func, args, kwargs)`` first."""
     _random_handler[0] = handler
+    _random_check[0] = check
 
 
 def _has_tensor(args, kwargs):
@@ -61,6 +68,8 @@ class TransformMode(TorchDispatchMode):
             # NOTE [detach at a grad level] in reverse/interpreter.py).
             if not level.alive:
                 return run_without_dead_wrappers(func, args, kwargs)
+            if level.kind != "vmap" and _random_check[0] is not None and _SEEDED in func.tags:
+                _random_check[0](func, args, kwargs)
             return level.process(func, args, kwargs)
         handler = _random_handler[0]
         if handler is not None and _SEEDED in func.tags:
@@ -78,7 +87,9 @@ class TransformMode(TorchDispatchMode):
 
 def _adopt(level, out):
     if isinstance(out, torch.Tensor):
-        return level.adopt(out) if out.is_floating_point() or out.is_complex() else out
+        if level.adopts_every_dtype or out.is_floating_point() or out.is_complex():
+            return level.adopt(out)
+        return out
     if type(out) in (tuple, list):
         return type(out)(_adopt(level, o) for o in out)
     return out
@@ -128,3 +139,26 @@ class adopting_new_tensors:
         self._level.adopting = self._previous
         self._mode.__exit__(*exc)
         return False
+
+
+class not_adopting:
+    """Code that runs one level below ``level`` on its behalf (a custom Function's forward,
+    jvp or vmap staticmethod) creates tensors of the levels below: ``level`` and the levels
+    above it must not claim them."""
+
+    __slots__ = ("_depth", "_suspended")
+
+    def __init__(self, level):
+        self._depth = level.depth
+
+    def __enter__(self):
+        self._suspended = [lv for lv in level_stack() if lv.adopting and lv.depth >= self._depth]
+        for lv in self._suspended:
+            lv.adopting = False
+        return self
+
+    def __exit__(self, *exc):
+        for lv in self._suspended:
+            lv.adopting = True
+        return False
+

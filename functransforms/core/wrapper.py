@@ -69,7 +69,12 @@ class LevelTensor(torch.Tensor):
         return level.process(func, args, kwargs if kwargs is not None else {})
 
     def __repr__(self, *, tensor_contents=None):
-        return f"{type(self).__name__}(level={self._level!r}, value={self._value!r})"
+        return f"{type(self).__name__}(lvl={self._level.depth + 1}, value={self._value!r})"
+
+    def tolist(self):
+        # torch refuses .tolist() on every subclass before dispatch; outside vmap (which
+        # overrides this) the values are the wrapper's own, as under torch.func.
+        return self._value.tolist()
 
     # Inside a transform the wrappers are the transform's own bookkeeping: torch autograd on
     # them is the grad levels' tape, so a user's .backward()/.grad would silently read or
@@ -78,6 +83,16 @@ class LevelTensor(torch.Tensor):
         if self._level.alive:
             raise RuntimeError(_AUTOGRAD_INSIDE_MESSAGE.format(what=".backward()"))
         return super().backward(*args, **kwargs)
+
+    def requires_grad_(self, requires_grad=True):
+        if requires_grad and self._level.alive:
+            raise RuntimeError(_REQUIRES_GRAD_INSIDE_MESSAGE)
+        return super().requires_grad_(requires_grad)
+
+    def retain_grad(self):
+        if self._level.alive:
+            raise RuntimeError(_AUTOGRAD_INSIDE_MESSAGE.format(what="Tensor.retain_grad()"))
+        return super().retain_grad()
 
     @property
     def grad(self):
@@ -96,6 +111,16 @@ _AUTOGRAD_INSIDE_MESSAGE = (
     "{what} was used on a tensor inside a functransforms transform (grad, vjp, vmap, jvp, "
     "...). Inside a transform, gradients are return values: use ft.grad or ft.vjp on the "
     "function instead, or call {what} outside the transform."
+)
+
+
+# torch.autograd.functional.* calls requires_grad_ on (detached copies of) its inputs, so a
+# call of it inside a transform ends here too.
+_REQUIRES_GRAD_INSIDE_MESSAGE = (
+    "Tensor.requires_grad_() was called (perhaps by torch.autograd.functional.* APIs) on a "
+    "tensor inside a functransforms transform (grad, vjp, vmap, jvp, ...). Inside a "
+    "transform, use the transforms themselves (ft.grad, ft.vjp, ft.jacrev, ft.jacfwd, "
+    "ft.hessian) instead, or call requires_grad_() outside the transformed function."
 )
 
 

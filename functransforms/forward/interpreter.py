@@ -18,8 +18,11 @@ How an op is served, fastest first (the choice is cached per op):
      and meet their own rules;
   4. the general fallback (forward/fallback.py), counted and warned about.
 """
+import weakref
+
 import torch
 from torch.utils._mode_utils import no_dispatch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..core.levels import Interpreter, lowering
 from ..core.ops import decomposition, decomposition_for_jvp, functional_twin, twin_call
@@ -36,6 +39,14 @@ aten = torch.ops.aten
 
 
 class DualTensor(LevelTensor):
+    # True when the tangent object is also another dual's tangent (a rule handed back an
+    # input's tangent, ``x + c``): an in-place op must not write into it.
+    _tangent_shared = False
+    # A view of a dual knows the dual it views (its root), and a root its live views: a
+    # write a tangent cannot hold re-derives them all (_promote_root_tangent).
+    _root = None
+    _views = None
+
     @staticmethod
     def __new__(cls, primal, tangent, level):
         self = LevelTensor._make(cls, primal, level, primal.shape, primal.stride())
@@ -44,7 +55,7 @@ class DualTensor(LevelTensor):
 
     def __repr__(self, *, tensor_contents=None):
         return (
-            f"DualTensor(level={self._level.depth}, primal={self._value!r}, "
+            f"DualTensor(lvl={self._level.depth + 1}, primal={self._value!r}, "
             f"tangent={self._tangent!r})"
         )
 
@@ -52,14 +63,38 @@ class DualTensor(LevelTensor):
 class JvpInterpreter(Interpreter):
     kind = "jvp"
 
+    # NOTE [Forward grad enablement]: torch's switch for forward AD
+    # (``torch.autograd.forward_ad._set_fwd_grad_enabled``) is one flag; a jvp level turns
+    # it on for its own call, as torch.func does, so a jvp under a disabled switch still
+    # computes tangents. The levels do not read the flag per op: torch also turns it off
+    # around every autograd.Function's forward (our collectives', a grad level's custom
+    # Functions), where the jvp levels below must keep their tangents, and the two cases
+    # cannot be told apart here. A block of ``f`` that turns it off is therefore not a
+    # constant to our jvp levels (torch.func's is).
+    def __enter__(self):
+        self._prev_fwd_grad = torch._C._is_fwd_grad_enabled()
+        if not self._prev_fwd_grad:
+            torch._C._set_fwd_grad_enabled(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if not self._prev_fwd_grad:
+                torch._C._set_fwd_grad_enabled(False)
+
     def lift(self, primal, tangent):
         return DualTensor(primal, tangent, self)
 
     def adopt(self, tensor):
         # A tensor the user's function creates: a dual with a zero tangent, so in-place
         # writes of duals into it (buf[i] = x) carry their tangents. Until something is
-        # written into that tangent the dual stands for a constant (see _is_constant).
-        tangent = torch.zeros_like(tensor)
+        # written into that tangent the dual stands for a constant (see _is_constant). The
+        # zeros are ours, not the function's: no adopting level may claim them (NOTE [Ops no
+        # wrapper reaches]).
+        with _disable_current_modes():
+            tangent = torch.zeros_like(tensor)
         dual = DualTensor(tensor, tangent, self)
         dual._adopted = (tangent, tangent._version)
         return dual
@@ -135,7 +170,10 @@ def _rule_handler(rule):
                 return func(*primals, **kwargs)
         with lowering(None):
             out, out_tangent = rule(func, primals, tangents, kwargs)
-        return interp.wrap_out(out, out_tangent)
+        out = interp.wrap_out(out, out_tangent)
+        if type(out) is DualTensor and any(out._tangent is t for t in tangents):
+            out._tangent_shared = True
+        return out
 
     return handle
 
@@ -170,22 +208,77 @@ def _inplace_via_functional(functional):
             elif tangent.dtype != target.dtype:
                 tangent = tangent.to(target.dtype)
             # NOTE [In-place tangents]: a view of a dual carries the same view of its
-            # tangent (forward/rules/linear.py), so a write through the view (buf[0] = x)
-            # must write into that tangent for the base to see it. Any other target gets its
-            # tangent rebound instead: a rule may hand back an input's tangent object as its
-            # result's tangent, and writing into it would corrupt another dual.
+            # tangent (forward/rules/linear.py), so a write into a dual must write into its
+            # tangent, as torch's forward AD does: views taken before (of the base, or the
+            # base of a view) then see the new tangent. Only a tangent that is another
+            # dual's too (``_tangent_shared``) or cannot hold the new one (expanded,
+            # unbatched under a batched write) is replaced, by a copy the dual owns.
             old = target._tangent
-            if target._value._base is not None and old is not None and old._base is not None:
-                old.copy_(tangent)
-                return target
             if old is not None and not torch.is_grad_enabled() and tracked_below(old):
                 # An in-place op under no_grad changes values, not history (cosine_similarity
                 # clamps its norms so): levels below must keep differentiating the tangent
-                # as the old one, which a tangent computed under no_grad would not let them.
+                # as the old one, which a tangent written under no_grad would not let them.
                 with torch.enable_grad():
-                    tangent = old + (tangent - old).detach()
-        target._tangent = tangent
+                    target._tangent = old + (tangent - old).detach()
+                target._tangent_shared = False
+                return target
+            if old is not None and not target._tangent_shared:
+                try:
+                    old.copy_(tangent)
+                    return target
+                except RuntimeError:
+                    root = target if target._root is None else target._root
+                    if root._views:
+                        # Other duals alias this tangent: rebinding one of them alone would
+                        # silently cut the others off, so all are re-derived or none is.
+                        if not _promote_root_tangent(root, tangent):
+                            raise
+                        target._tangent.copy_(tangent)
+                        return target
+            target._tangent = tangent.clone()
+            target._tangent_shared = False
         return target
+
+    return handle
+
+
+def _promote_root_tangent(root, tangent):
+    """Make ``root``'s tangent able to hold ``tangent`` and re-derive its views' tangents.
+
+    The common case: a tensor created inside ``f`` has unbatched zeros as its tangent, and
+    ``buf[i] = x`` under ``jacfwd`` writes a tangent batched by the vmap below into a view of
+    them. The root's tangent becomes the same zeros batched like ``tangent`` (adding a batched
+    exact zero), and every live view takes the same window of it as before.
+    """
+    old = root._tangent
+    if old is None or old._base is not None or not old.is_contiguous() or old.storage_offset():
+        return False
+    zero = torch.zeros_like(tangent).sum().to(old.dtype)
+    new = (old + zero).contiguous()
+    if new.shape != old.shape:
+        return False
+    root._tangent = new
+    root._tangent_shared = False
+    for view in list(root._views):
+        t = view._tangent
+        if t is not None and t._base is old:
+            view._tangent = new.as_strided(t.size(), t.stride(), t.storage_offset())
+            view._tangent_shared = False
+    return True
+
+
+def _tracking_views(handler):
+    # NOTE [In-place tangents]: see _promote_root_tangent.
+    def handle(interp, func, args, kwargs):
+        out = handler(interp, func, args, kwargs)
+        base = args[0]
+        if type(out) is DualTensor and isinstance(base, DualTensor) and base._level is interp:
+            root = base if base._root is None else base._root
+            out._root = root
+            if root._views is None:
+                root._views = weakref.WeakSet()
+            root._views.add(out)
+        return out
 
     return handle
 
@@ -264,6 +357,8 @@ def _choose_handler(func):
     rule = JVP_RULES.get(func)
     if rule is not None and not mutated_arg_positions(func):
         handler = _rule_handler(rule)
+        if func.is_view:
+            handler = _tracking_views(handler)
     elif torch.Tag.inplace_view in func.tags and functional_twin(func) is not None:
         handler = _inplace_view(functional_twin(func))
     elif mutated_arg_positions(func) and (
@@ -282,8 +377,8 @@ def _choose_handler(func):
 def captured_mutation_message(func):
     return (
         f"During a jvp transform, the function called the in-place operation "
-        f"aten::{op_name(func)} on a tensor that is not a dual of this jvp level (captured "
-        f"from outside the transform, or created inside it without depending on its "
-        f"inputs). Its tangent would be lost. Pass that tensor as an input of the function, "
+        f"aten::{op_name(func)} that would mutate a captured Tensor: one that is not a dual "
+        f"of this jvp level (captured from outside the transform, or created inside it "
+        f"without depending on its inputs). Its tangent would be lost. Pass that tensor as an input of the function, "
         f"or use the out-of-place version of the operation."
     )

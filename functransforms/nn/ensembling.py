@@ -6,21 +6,22 @@ from .make_functional import make_functional_with_buffers
 
 def _check_models(models, api):
     if len(models) == 0:
-        raise RuntimeError(f"{api}: expected at least one model, got 0.")
+        raise RuntimeError(f"{api}: Expected at least one model, got 0.")
     if len({m.training for m in models}) != 1:
         raise RuntimeError(
-            f"{api}: expected all models to be in the same mode (all training or all eval)."
+            f"{api}: Expected all models to have the same training/eval mode (all training "
+            f"or all eval)."
         )
     if len({type(m) for m in models}) != 1:
-        raise RuntimeError(f"{api}: expected all models to be instances of the same class.")
+        raise RuntimeError(f"{api}: Expected all models to be of the same class.")
 
 
 def _stack_leaf(tensors, name):
     flags = {t.requires_grad for t in tensors}
     if len(flags) != 1:
         raise RuntimeError(
-            f"stack_module_state: '{name}' requires grad in some models and not in others; it "
-            f"must be the same in all of them."
+            f"stack_module_state: Expected all models to have the same .requires_grad for each "
+            f"parameter: '{name}' requires grad in some models and not in others."
         )
     stacked = torch.stack(tensors)
     # A fresh leaf: gradients w.r.t. the ensemble's state should land on the stacked

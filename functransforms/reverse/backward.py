@@ -20,16 +20,21 @@ def autograd_grad(level, outputs, inputs, grad_outputs, retain_graph=False):
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
     if not pairs:
         return tuple(torch.zeros_like(i) for i in inputs)
-    # NOTE [Backward that a level below differentiates]: torch's derivative formulas pick a
-    # twice-differentiable path only when grad mode is on while they run (silu, mish, logit
-    # and group_norm emit once-differentiable *_backward kernels otherwise; det, solve and
-    # the norms take shortcuts). When a level below will differentiate this backward pass
-    # (grad of grad, jvp of grad, torch autograd around the transform), the engine runs it
-    # as create_graph=True, as torch.func always does; this level's own record of it is
-    # dropped with the wrappers. Otherwise the cheaper once-differentiable path is taken.
-    create_graph = any(
+    # NOTE [Backward that a level below differentiates]: the engine runs backward formulas
+    # with grad mode off unless create_graph, and then (1) torch's formulas pick
+    # once-differentiable paths (silu, mish, logit and group_norm emit *_backward kernels;
+    # det, solve and the norms take shortcuts), and (2) ops of those formulas on tensors
+    # captured from below (``W.t()`` for ``W @ x`` with W tracked by an outer level) reach
+    # no level and are recorded by nothing, so a Jacobian would silently lose its
+    # dependence on W. When a level below will differentiate this backward pass (grad of
+    # grad, jvp of grad, torch autograd around the transform) and grad mode was on when
+    # this level began, the engine runs it as create_graph=True, as torch.func always does;
+    # this level's own record of it is dropped with the wrappers. Otherwise the cheaper
+    # once-differentiable path is taken. A formula on a captured tracked tensor alone
+    # (``weight.t()`` in mm's) is recorded only with grad mode on, hence captures_tracked.
+    create_graph = level.prev_grad_mode and (level.captures_tracked or any(
         differentiated_below(t) for t in (*outputs, *inputs, *grad_outputs)
-    )
+    ))
     level.in_backward = True
     try:
         grads = _ENGINE.run_backward(

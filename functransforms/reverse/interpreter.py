@@ -53,7 +53,8 @@ class GradTensor(LevelTensor):
         return LevelTensor._make(cls, value, level, value.shape, value.stride(), requires_grad)
 
     def __repr__(self, *, tensor_contents=None):
-        return f"GradTensor(level={self._level.depth}, value={self._value!r})"
+        # torch.func's format (levels counted from 1), so printed output reads the same.
+        return f"GradTrackingTensor(lvl={self._level.depth + 1}, value={self._value!r})"
 
 
 class GradInterpreter(Interpreter):
@@ -63,6 +64,42 @@ class GradInterpreter(Interpreter):
         super().__init__()
         self.prev_grad_mode = torch.is_grad_enabled()
         self.in_backward = False
+        # Set when an op of the forward pass took a tensor tracked below that is not this
+        # level's (a captured parameter requiring grad, an outer level's wrapper). Its
+        # backward formulas then run ops on that tensor alone (``weight.t()``), which only
+        # a backward with grad mode on records below (NOTE [Backward of captured tensors]
+        # in reverse/backward.py).
+        self.captures_tracked = False
+
+    # NOTE [Inference mode around a grad level]: inference mode turns autograd off more
+    # thoroughly than no_grad (enable_grad cannot undo it), and a grad level *is* autograd:
+    # under it the level would silently compute zero gradients. As in torch.func the level
+    # runs with inference mode off and restores it on the way out; an inference_mode block
+    # inside ``f`` still hides its ops from every level, like no_grad.
+    # Saved tensor hooks (save_on_cpu, ...) would see this level's GradTensors, which must
+    # not leave the level: they are refused while a grad level is active, as in torch.func
+    # (jvp and vmap levels do not mind them).
+    def __enter__(self):
+        self._prev_hooks_message = _hooks_disabled_message()
+        try:
+            _disable_hooks(_SAVED_TENSOR_HOOKS_MESSAGE)
+        except RuntimeError:
+            _restore_hooks(self._prev_hooks_message)
+            raise
+        self._inference_guard = None
+        if torch.is_inference_mode_enabled():
+            self._inference_guard = torch._C._InferenceMode(False)
+            self._inference_guard.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if self._inference_guard is not None:
+                self._inference_guard.__exit__(*exc)
+                self._inference_guard = None
+            _restore_hooks(self._prev_hooks_message)
 
     def lowered_grad_mode(self):
         # As in torch.func, grad mode is one switch shared by all levels: a no_grad inside f
@@ -90,16 +127,18 @@ class GradInterpreter(Interpreter):
         _sync_metadata(wrapper)
 
     def process(self, func, args, kwargs):
-        if id(func) in _REWRAP_OPS and not torch._C._dispatch_tls_is_dispatch_key_excluded(
+        plan = _PLANS.get(id(func))
+        if plan is None:
+            plan = _plan(func)
+        rewrap, mutated, returned, aliasing = plan
+        if rewrap and not torch._C._dispatch_tls_is_dispatch_key_excluded(
             DispatchKey.AutogradFunctionality
         ):
             return GradTensor(args[0]._value, self)
-        mutated = mutated_arg_positions(func)
         if mutated:
             rebound = rebind_instead_of_writing(self, func, args, kwargs)
             if rebound is not None:
                 return rebound
-            returned = returned_arg_positions(func)
             for i in returned:
                 if i is not None and not (isinstance(args[i], LevelTensor) and args[i]._level is self):
                     # Writing this level's constants (an ``eps`` tensor a composite kernel
@@ -108,30 +147,54 @@ class GradInterpreter(Interpreter):
                     if _any_tracked_here(self, args, kwargs):
                         raise RuntimeError(_captured_mutation_message(func))
         # Only values tracked by a lower level need the op recorded below; skipping the
-        # lowering context otherwise is what keeps a single grad level cheap.
-        tracked = False
+        # lowering context otherwise is what keeps a single grad level cheap. With no
+        # wrapper of a lower level among the values either, the op runs right here.
+        tracked = aliasing
+        below = False
         values = []
         for a in args:
             if isinstance(a, torch.Tensor):
                 if isinstance(a, LevelTensor) and a._level is self:
                     a = a._value
-                tracked = tracked or needs_lowering(a)
+                    if type(a) is torch.Tensor:
+                        if not tracked and (a.requires_grad or a.is_complex()
+                                            or a._is_zerotensor()):
+                            tracked = True
+                    else:
+                        below = True
+                        tracked = tracked or needs_lowering(a)
+                else:
+                    below = below or isinstance(a, LevelTensor)
+                    if needs_lowering(a):
+                        tracked = self.captures_tracked = True
             elif type(a) in (list, tuple):
+                if any(isinstance(b, torch.Tensor) and not (
+                        isinstance(b, LevelTensor) and b._level is self) and needs_lowering(b)
+                        for b in a):
+                    self.captures_tracked = True
                 a = type(a)(_unwrap(b, self) for b in a)
+                below = True
                 tracked = tracked or any(
                     isinstance(b, torch.Tensor) and needs_lowering(b) for b in a
                 )
             values.append(a)
         if kwargs:
+            if any(isinstance(v, torch.Tensor) and not (
+                    isinstance(v, LevelTensor) and v._level is self) and needs_lowering(v)
+                    for v in kwargs.values()):
+                self.captures_tracked = True
             kwargs = {k: _unwrap(v, self) for k, v in kwargs.items()}
+            below = True
             tracked = tracked or any(
                 isinstance(v, torch.Tensor) and needs_lowering(v) for v in kwargs.values()
             )
-        if tracked or aliasing_op(func):
+        if tracked:
             with lowering(self.lowered_grad_mode()):
                 out = func._op(*values, **kwargs)
-        else:
+        elif below:
             out = call_below(func, values, kwargs)
+        else:
+            out = func._op(*values)
         if mutated:
             for i in mutated:
                 if isinstance(args[i], LevelTensor) and args[i]._level is self:
@@ -145,9 +208,45 @@ class GradInterpreter(Interpreter):
             return tuple(
                 args[i] if i is not None else GradTensor(o, self) for i, o in zip(returned, out)
             )
+        if type(out) is torch.Tensor:
+            if out.layout is _STRIDED and not out.is_complex() and out.is_contiguous():
+                return new_wrapper(GradTensor, out, self, out.shape)
+            return GradTensor(out, self)
         if isinstance(out, torch.Tensor):
             return GradTensor(out, self)
         return wrap_output(out, lambda t: GradTensor(t, self))
+
+
+_SAVED_TENSOR_HOOKS_MESSAGE = (
+    "Grad transforms (grad, vjp, jacrev, hessian, ...) don't support saved tensor hooks "
+    "(torch.func transforms don't yet support saved tensor hooks either): the hooks would "
+    "see the transform's internal tensors. Use the hooks (e.g. save_on_cpu) outside the "
+    "transformed function and around no transform call, or drop them."
+)
+_hooks_disabled_message = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message
+_disable_hooks = torch._C._autograd._saved_tensors_hooks_disable
+
+
+def _restore_hooks(message):
+    if message is None:
+        torch._C._autograd._saved_tensors_hooks_enable()
+    else:
+        torch._C._autograd._saved_tensors_hooks_disable(message)
+
+
+_STRIDED = torch.strided
+# id(func) -> (is detach/alias, mutated positions, returned positions, aliasing): the
+# facts process reads on every op, looked up once.
+_PLANS = {}
+
+
+def _plan(func):
+    mutated = mutated_arg_positions(func)
+    plan = _PLANS[id(func)] = (
+        id(func) in _REWRAP_OPS, mutated, returned_arg_positions(func) if mutated else (),
+        aliasing_op(func),
+    )
+    return plan
 
 
 def _sync_metadata(wrapper):
@@ -176,7 +275,8 @@ def _unwrap(a, level):
 def _captured_mutation_message(func):
     return (
         f"During a grad transform (grad, vjp, jacrev, ...), the function called the in-place "
-        f"operation {func._schema.name}.{func._overloadname} on a tensor captured from outside "
-        f"the transform. Its gradient would be lost. Pass that tensor as an input of the "
-        f"transformed function, or use the out-of-place version of the operation."
+        f"operation {func._schema.name}.{func._overloadname} that would mutate a captured "
+        f"Tensor (one from outside the transform). Its gradient would be lost. Pass that "
+        f"tensor as an input of the transformed function, or use the out-of-place version of "
+        f"the operation."
     )

@@ -19,7 +19,8 @@ def new_factory(interp, func, args, bdims, kwargs):
     if func is aten.new_empty_strided.default:
         # Strides are given per example; each example gets its own stretch of storage.
         stride, *rest = rest
-        extent = 1 + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else 1
+        # (An empty example needs no storage: torch's storage size for it is 0.)
+        extent = 1 + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else 0
         return func(x, [x.shape[0], *size], [extent, *stride], *rest, **kwargs), 0
     return func(x, [x.shape[0], *size], *rest, **kwargs), 0
 

@@ -399,18 +399,24 @@ def _refuse(message):
 
 
 batch_rule(aten._local_scalar_dense.default)(_refuse(
-    "vmap: aten::{op} turns a batched tensor into a Python number (.item(), float(), int(), "
-    "bool() or Python control flow such as `if x.sum() > 0:`). Every example has "
-    "its own value, so there is no single number to return. Keep the computation in tensors: "
-    "use torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap."
+    "vmap: aten::{op} turns a batched tensor into a Python number: it looks like you're "
+    "calling .item() on a Tensor (or float(), int(), bool()) or attempting to use a Tensor in "
+    "some data-dependent control flow (`if x.sum() > 0:`). Every example has its own value, "
+    "so there is no single number to return. Keep the computation in tensors: use "
+    "torch.where(cond, a, b) instead of `if`/`else`, or move the check outside vmap."
 ))
 
 _DYNAMIC_SHAPE = (
-    "vmap: aten::{op} returns a tensor whose shape depends on the values of its input, so "
-    "the examples of one batch would need different shapes. Use a fixed-shape formulation "
+    "vmap: We do not support batching operators that can output dynamic shape. aten::{op} "
+    "returns a tensor whose shape depends on the values of its input, so the examples of one "
+    "batch would need different shapes. Use a fixed-shape formulation "
     "instead: torch.where(mask, x, 0) in place of x[mask] or masked_select, or "
     "torch.nonzero_static(x, size=...) in place of nonzero."
 )
-batch_rule(aten.nonzero.default, aten._unique.default, aten._unique2.default,
+batch_rule(aten.nonzero.default)(_refuse(_DYNAMIC_SHAPE.replace(
+    "depends on the values of its input,",
+    "depends on the values of its input (Attempted to vmap over aten::where(condition) or "
+    "aten::nonzero, which torch.where(condition) and torch.nonzero run),")))
+batch_rule(aten._unique.default, aten._unique2.default,
            aten.unique_dim.default, aten.unique_consecutive.default,
            aten.unique_dim_consecutive.default)(_refuse(_DYNAMIC_SHAPE))

@@ -15,12 +15,21 @@ def _is_legacy_empty(t, bdim):
 def cat(interp, func, args, bdims, kwargs):
     tensors, tensor_bdims = args[0], bdims[0]
     dim = args[1] if len(args) > 1 else 0
-    kept = [(t, d) for t, d in zip(tensors, tensor_bdims) if not _is_legacy_empty(t, d)]
-    if not kept:
-        kept = list(zip(tensors, tensor_bdims))[:1]
-    rank = max(t.dim() - (d is not None) for t, d in kept)
-    batched = [ensure_batched(t, d, interp.batch_size) for t, d in kept]
-    return func(batched, physical_dim(dim, rank)), 0
+    pairs = list(zip(tensors, tensor_bdims))
+    legacy = [_is_legacy_empty(t, d) for t, d in pairs]
+    if all(legacy):
+        legacy[0] = False
+    rank = max(t.dim() - (d is not None) for (t, d), skip in zip(pairs, legacy) if not skip)
+    pdim = physical_dim(dim, rank)
+    template = ensure_batched(*pairs[legacy.index(False)], interp.batch_size)
+    empty_shape = [*template.shape[:pdim], 0, *template.shape[pdim + 1:]]
+    # Legacy empties still take part, reshaped to an empty piece of the right shape, so
+    # the result is tracked by autograd whenever an input is (as in eager).
+    batched = [
+        t.reshape(empty_shape) if skip else ensure_batched(t, d, interp.batch_size)
+        for (t, d), skip in zip(pairs, legacy)
+    ]
+    return func(batched, pdim), 0
 
 
 @batch_rule(aten.stack.default)

@@ -44,6 +44,13 @@ def _leading_batch_rule(*core_ranks, contiguous=False):
 
     def rule(interp, func, args, bdims, kwargs):
         batch_size = interp.batch_size
+        for a, d, r in zip(args, bdims, core_ranks):
+            if d is not None and isinstance(a, torch.Tensor) and a.dim() - 1 < r:
+                # The batch dim would silently become one of the matrix dims.
+                raise RuntimeError(
+                    f"vmap: {func._schema.name}: expected an input with at least {r} "
+                    f"dimensions per example, got a {a.dim() - 1}-dimensional example."
+                )
         args = _align_leading_dims(args, bdims, batch_size, core_ranks)
         if contiguous:
             args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]

@@ -73,6 +73,13 @@ def _add_scaled(self_, dself, product, dproduct, beta, alpha, rank):
 @batch_rule(aten.mm.default)
 def mm_rule(interp, func, args, bdims, kwargs):
     a, b = args
+    ranks = [t.dim() - (d is not None) for t, d in zip(args, bdims)]
+    if ranks != [2, 2]:
+        # The folded kernels would report the batch dims; this is torch.func's wording.
+        raise RuntimeError(
+            f"vmap: mm: Shape mismatch: Got incorrect dims for mm(a, b). a has dim {ranks[0]} "
+            f"and b has dim {ranks[1]} per example, but expected both to have dim 2."
+        )
     return _matrix_product(a, bdims[0], b, bdims[1], batch=False), 0
 
 

@@ -149,7 +149,9 @@ def native_group_norm_backward_rule(interp, func, args, bdims, kwargs):
 def _running_stats_message():
     return (
         "vmap: batch norm in training mode got a batched input but unbatched running_mean/"
-        "running_var, which it would have to update in place with per-example statistics. "
+        "running_var, which it would have to update in place with per-example statistics "
+        "(Batch norm got a batched tensor as input while the running_mean or running_var, "
+        "which will be updated in place, were not batched). "
         "Either stop tracking running stats (build the module with "
         "track_running_stats=False, or call replace_all_batch_norm_modules_(model) to patch "
         "every batch norm of a model), pass batched running stats through functional_call, "
@@ -188,8 +190,11 @@ def _batch_norm(interp, x, w, b, rm, rv, training, momentum, eps, bdims):
                                                            momentum, eps)
         w, b = _channel_view(w, dw, x.dim() + 1), _channel_view(b, db, x.dim() + 1)
         return (_affine(out, w, dw, b, db, x.dim()), mean, invstd), (0, None, None)
-    if training and rm is not None and (drm is None or drv is None):
+    if training and dx is not None and (rm is not None and drm is None
+                                        or rv is not None and drv is None):
         raise RuntimeError(_running_stats_message())
+    # An unbatched input with only some stats batched runs per example against copies of
+    # the unbatched stats, whose updates are dropped, as torch.func does.
     x = ensure_batched(x, dx, B)
     if not training and not stats_batched:
         # Eval mode with shared running stats: every row is normalised alike, fold into N.

@@ -69,3 +69,7 @@ def _register_pointwise_family():
 
 
 _register_pointwise_family()
+# Elementwise but not tagged pointwise; their decompositions fill an output shaped after
+# one argument, which cannot hold a batch when only the other one is batched.
+for _op in (aten.complex.default, aten.polar.default):
+    register_rule(_op, pointwise_rule)

@@ -16,15 +16,17 @@ from ..fallback import op_name
 from ..interpreter import (
     BatchedTensor, VmapInterpreter, check_random, inplace_into_unbatched_message,
 )
-from ..registry import logical_rank, pad_to_rank, register_rule
+from ..registry import ensure_batched, logical_rank, pad_to_rank, register_rule
 
 aten = torch.ops.aten
 
 
 def _same_with_batched_input(func):
+    # The parenthesis is torch.func's wording of the same refusal.
     return RuntimeError(
         f"vmap: aten::{op_name(func)} draws random values that depend on a batched input, "
-        f"so randomness='same' cannot share one draw between the examples. Use "
+        f"so randomness='same' cannot share one draw between the examples (Vmap does not "
+        f"currently support same randomness with a batched tensor input). Use "
         f"randomness='different', or pass that input unbatched (in_dims=None)."
     )
 
@@ -56,13 +58,13 @@ def shape_only_rule(interp, func, args, bdims, kwargs):
 def inplace_rule(interp, func, args, bdims, kwargs):
     """In-place draws into ``self`` (uniform_, bernoulli_...)."""
     check_random(interp, func)
-    if bdims[0] is None:
-        raise RuntimeError(inplace_into_unbatched_message(func))
     self, *rest = args
     others_batched = any(d is not None for d in bdims[1:])
+    if interp.randomness == "same" and others_batched:
+        raise _same_with_batched_input(func)
+    if bdims[0] is None:
+        raise RuntimeError(inplace_into_unbatched_message(func))
     if interp.randomness == "same":
-        if others_batched:
-            raise _same_with_batched_input(func)
         draw = torch.empty_like(self[0])
         func(draw, *rest, **kwargs)
         return self.copy_(draw), 0
@@ -77,7 +79,13 @@ def value_dependent_rule(interp, func, args, bdims, kwargs):
     if interp.randomness == "same":
         raise _same_with_batched_input(func)
     rank = max(logical_rank(a, d) for a, d in zip(args, bdims) if isinstance(a, torch.Tensor))
-    padded = [pad_to_rank(a, d, rank) if d is not None else a for a, d in zip(args, bdims)]
+    # Every tensor gets the batch dim, not only a broadcast: some kernels (binomial) lay
+    # out, and so draw, their output after the first input's shape.
+    padded = [
+        pad_to_rank(ensure_batched(a, d, interp.batch_size), 0, rank)
+        if isinstance(a, torch.Tensor) else a
+        for a, d in zip(args, bdims)
+    ]
     return func(*padded, **kwargs), 0
 
 
@@ -134,13 +142,10 @@ def random_factory(interp, func, args, kwargs):
     if interp.randomness == "same":
         return _draw_below(interp, func, args, kwargs)
     if func._schema.name == "aten::randperm":
-        n = args[0]
-        # Sorting independent uniform keys gives each row a uniformly random permutation.
-        keys = _draw_below(interp, aten.rand.default, ([interp.batch_size, n],),
-                           {"dtype": torch.float64, "device": kwargs.get("device")})
-        perms = keys.argsort(dim=1)
-        dtype = kwargs.get("dtype")
-        return BatchedTensor(perms if dtype is None else perms.to(dtype), interp)
+        # randperm has no batch size to draw with: one permutation per example, drawn in
+        # order from the same generator, as torch.func (and a loop) does.
+        perms = [_draw_below(interp, func, args, kwargs) for _ in range(interp.batch_size)]
+        return BatchedTensor(torch.stack(perms), interp)
     (pos,) = [i for i, a in enumerate(func._schema.arguments) if a.name == "size"]
     args = list(args)
     if pos < len(args):

@@ -125,3 +125,10 @@ def prims_prod(interp, func, args, bdims, kwargs):
         dims = range(rank)
     dims = [physical_dim(d, rank) for d in dims] if rank else []
     return func(x, dims, *args[2:], **kwargs), 0
+
+
+@batch_rule(aten._is_all_true.default, aten._is_any_true.default)
+def is_all_or_any_true(interp, func, args, bdims, kwargs):
+    # torch's checks (TORCH_CHECK_TENSOR_ALL) read the answer with .item(): as in torch.func,
+    # it is one unbatched answer for the whole batch.
+    return func(args[0]), None

@@ -90,7 +90,17 @@ for _names, _ops in _DIM_OPS.items():
     for _op in _ops:
         register_rule(_op, dims_rule(dims=_names))
 
-register_rule(aten.transpose.int, dims_rule(dims=("dim0", "dim1"), scalar_ok=True))
+_transpose = dims_rule(dims=("dim0", "dim1"), scalar_ok=True)
+
+
+@batch_rule(aten.transpose.int)
+def transpose(interp, func, args, bdims, kwargs):
+    if args[0].dim() == 1:
+        # A 0-dim example: as in torch.func, the input itself comes back.
+        return args[0], 0
+    return _transpose(interp, func, args, bdims, kwargs)
+
+
 register_rule(aten.transpose_copy.int, dims_rule(dims=("dim0", "dim1"), scalar_ok=True))
 register_rule(aten.flip.default, dims_rule(dim_lists=("dims",), scalar_ok=True))
 register_rule(aten.rot90.default, dims_rule(dim_lists=("dims",)))
@@ -136,7 +146,30 @@ def as_strided(interp, func, args, bdims, kwargs):
     storage_offset is given)."""
     x, size, stride = args[0], args[1], args[2]
     offset = args[3] if len(args) > 3 and args[3] is not None else x.storage_offset()
+    if len(size) != len(stride):
+        raise RuntimeError(
+            f"vmap: as_strided: size and stride must have the same length, got size {list(size)} "
+            f"and stride {list(stride)}."
+        )
+    # Each example may only read its own memory: the loop's meaning breaks otherwise (the
+    # read would reach into the next example).
+    example = _extent(x.shape[1:], x.stride()[1:])
+    view = _extent(size, stride)
+    start = offset - x.storage_offset()
+    if view is not None and (example is None or start < 0 or start + view > example):
+        raise RuntimeError(
+            f"vmap: as_strided(size={list(size)}, stride={list(stride)}, storage_offset="
+            f"{offset}) would read memory outside the example it is called on (This is not "
+            f"supported inside of vmap). Use view/reshape/narrow, or index the example."
+        )
     return func(x, [x.shape[0], *size], [x.stride(0), *stride], offset), 0
+
+
+def _extent(sizes, strides):
+    """Largest element offset a (sizes, strides) view reaches; None if it has no element."""
+    if any(s == 0 for s in sizes):
+        return None
+    return sum((s - 1) * st for s, st in zip(sizes, strides))
 
 
 @batch_rule(aten.permute.default, aten.permute_copy.default)
@@ -161,10 +194,16 @@ def view(interp, func, args, bdims, kwargs):
     try:
         return func(x, physical), 0
     except RuntimeError:
-        # When the example's strides allow the view, the physical value allows it too; a
-        # failure means the example's strides differ from eager's (rules and in_dims != 0
-        # do not reproduce eager layouts), so copy rather than fail where eager would not.
-        # The price: a view eager itself refuses also becomes a copy instead of an error.
+        # An example whose own strides refuse the view is refused, as eager (and
+        # torch.func) would: a copy would silently stop being a view.
+        example = torch.empty_strided(x.shape[1:], x.stride()[1:], dtype=x.dtype,
+                                      device="meta")
+        try:
+            example.view(shape)
+        except RuntimeError as e:
+            raise RuntimeError(f"vmap: {e}") from None
+        # The example allows it but the batch dim's stride does not (the batch sits
+        # inside the example's memory, e.g. in_dims=1): only a copy can give the shape.
         return x.reshape(physical), 0
 
 
@@ -202,14 +241,21 @@ def expand(interp, func, args, bdims, kwargs):
 def squeeze(interp, func, args, bdims, kwargs):
     x = args[0]
     rank = x.dim() - 1
+    wanted = [] if len(args) == 1 else [args[1]] if isinstance(args[1], int) else args[1]
+    for d in wanted:
+        if not -max(rank, 1) <= d < max(rank, 1):
+            # RuntimeError, as torch.func's (eager raises IndexError).
+            raise RuntimeError(
+                f"vmap: squeeze: Dimension out of range (expected to be in range of "
+                f"[{-max(rank, 1)}, {max(rank, 1) - 1}], but got {d}) for an example of "
+                f"{rank} dims."
+            )
     if len(args) == 1:
         dims = [i for i in range(1, x.dim()) if x.shape[i] == 1]
     elif rank == 0:
         dims = []
-    elif isinstance(args[1], int):
-        dims = [physical_dim(args[1], rank)]
     else:
-        dims = [physical_dim(d, rank) for d in args[1]]
+        dims = [physical_dim(d, rank) for d in wanted]
     return aten.squeeze.dims(x, dims), 0
 
 
@@ -243,6 +289,11 @@ def alias(interp, func, args, bdims, kwargs):
             aten.view_as_complex_copy.default, aten._neg_view_copy.default)
 def trailing_dims_only(interp, func, args, bdims, kwargs):
     # These reinterpret (or lazily flip) elements and the last dim, never the leading one.
+    if args[0].dim() == 1 and func in (aten.view_as_complex.default,
+                                       aten.view_as_complex_copy.default):
+        # The physical last dim would be the batch dim.
+        raise RuntimeError("vmap: view_as_complex: Input tensor must have one or more "
+                           "dimensions per example, got a 0-dim example.")
     return func(*args, **kwargs), 0
 
 
@@ -281,8 +332,19 @@ def with_memory_format(x, memory_format, make):
     Channels-last formats are defined for 4-/5-dim tensors; the physical value has one dim
     more, so the channel dim is moved last, the copy made contiguous, and the view moved back.
     """
-    if memory_format not in _CHANNELS_LAST or x.dim() - 1 != _CHANNELS_LAST[memory_format]:
+    if memory_format not in _CHANNELS_LAST:
         return make(x, memory_format)
+    if x.dim() - 1 != _CHANNELS_LAST[memory_format]:
+        # The physical value might have the right rank: the format would then be laid
+        # across the batch dim. The parenthesis holds torch.func's wordings (it refuses
+        # every channels-last format under vmap, from clone and from contiguous).
+        raise RuntimeError(
+            f"vmap: required rank {_CHANNELS_LAST[memory_format]} tensor to use "
+            f"{str(memory_format).replace('torch.', '')} format, got an example of rank "
+            f"{x.dim() - 1} (torch.func: NYI: querying is_contiguous inside of vmap for "
+            f"memory_format other than torch.contiguous_format; clone is only supported with "
+            f"memory_format torch.preserve_format or torch.contiguous_format)."
+        )
     out = make(x.movedim(2, -1), torch.contiguous_format)
     return out.movedim(-1, 2)
 
