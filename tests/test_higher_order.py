@@ -325,6 +325,10 @@ LINALG = {
     "slogdet": lambda A: lambda x: torch.linalg.slogdet(_well_conditioned(x, A))[1].reshape(1),
     "householder_product": lambda A: lambda x: torch.linalg.householder_product(
         A[:, :3] + x[:, None], x[:3].sin()),
+    # Served by the general fallback: torch's formula on one jvp level, double vjp on the
+    # other, whose copy_ of tangents a grad level below must be able to differentiate.
+    "lu_solve": lambda A: lambda x: torch.linalg.lu_solve(
+        *torch.linalg.lu_factor(_well_conditioned(x, A)), x.cos().unsqueeze(-1)).squeeze(-1),
 }
 
 
@@ -348,7 +352,7 @@ def test_reverse_over_forward_linalg_matches_finite_differences(xva, name):
     fd_close((g * e).sum(), directional_fd(lambda y: h(ft, y), x, e))
 
 
-@pytest.mark.parametrize("name", ["solve", "det", "slogdet", "householder_product"])
+@pytest.mark.parametrize("name", ["solve", "det", "slogdet", "householder_product", "lu_solve"])
 @pytest.mark.parametrize("outer", ["jvp", "grad"])
 def test_third_order_two_forward_levels_linalg(xva, name, outer):
     # Two jvp levels and one more: the second jvp level used to reach the general fallback,

@@ -183,7 +183,11 @@ def as_strided(func, primals, tangents, kwargs):
 
 @jvp_rule(aten.copy.default)
 def copy(func, primals, tangents, kwargs):
-    out = func(*primals, **kwargs)
+    # Not aten.copy itself: torch has no derivative for it, and a grad level below records
+    # what this rule computes (copy_ reaches here as its functional twin; torch's forward AD
+    # issues copy_ on tangents, which a nested fallback differentiates).
+    self, src = primals[:2]
+    out = src.to(dtype=self.dtype, device=self.device).expand(self.shape).clone()
     return out, fit_tangent(tangents[1], out)
 
 
