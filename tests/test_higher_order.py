@@ -415,3 +415,32 @@ def test_third_order_layer_norm_two_reverse_levels(affine):
     both(lambda T: T.vmap(T.jacrev(T.jacrev(lambda y: F.layer_norm(y, (3,), *((wt, b) if affine else ())))))(xs))
     assert not level_stack()
 
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "layer_norm"])
+@pytest.mark.parametrize("linalg", ["solve", "det"])
+def test_norm_then_linalg_forward_over_forward(norm, linalg):
+    # torch.func is wrong here (its forward formulas for the norms and for solve/det read
+    # outputs it does not differentiate); torch.func in reverse mode only is the reference.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, dtype=torch.float64, generator=g)
+    u, t = torch.randn(2, 2, 3, dtype=torch.float64, generator=g).unbind(0)
+    eye = 4 * torch.eye(3, dtype=torch.float64)
+
+    def f(y):
+        if norm == "batch_norm":
+            y = F.batch_norm(y, None, None, training=True)
+        else:
+            y = F.layer_norm(y, (3,))
+        A = eye + torch.diag_embed(y.sin()) + 0.3 * torch.tanh(y.unsqueeze(-1) * y.unsqueeze(-2))
+        if linalg == "solve":
+            return torch.linalg.solve(A, y.unsqueeze(-1)).squeeze(-1)
+        return torch.linalg.det(A)
+
+    def jvp_by_jacrev(h, y, v):
+        out = h(y)
+        return (tf.jacrev(h)(y).reshape(out.numel(), -1) @ v.reshape(-1)).reshape(out.shape)
+
+    actual = ft.jvp(lambda y: ft.jvp(f, (y,), (u,))[1], (x,), (t,))[1]
+    expected = jvp_by_jacrev(lambda y: jvp_by_jacrev(f, y, u), x, t)
+    torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-9)
