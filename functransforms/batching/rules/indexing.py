@@ -350,6 +350,9 @@ def _selection_order(mask, batch_size):
 
 @batch_rule(aten.masked_scatter.default)
 def masked_scatter_rule(interp, func, args, bdims, kwargs):
+    if args[1].dtype != torch.bool:
+        raise RuntimeError(f"masked_scatter_ only supports boolean masks, but got mask with "
+                           f"dtype {args[1].dtype}")
     batch_size = interp.batch_size
     self_v, mask = _broadcast_batched(batch_size, (args[0], bdims[0]), (args[1], bdims[1]))
     source = ensure_batched(args[2], bdims[2], batch_size).reshape(batch_size, -1)
