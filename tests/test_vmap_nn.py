@@ -390,6 +390,43 @@ def test_nll_loss2d(reduction):
     check_vmap_vjp(fn, shapes, (2, 3, 3) if reduction == "none" else (), gens=[randn, classes, prob])
 
 
+def multilabel_targets(shape):
+    # Class indices, with -1 ending each row's target list early (later entries are ignored).
+    return torch.randint(-1, 4, shape)
+
+
+@pytest.mark.usefixtures("sweep")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shapes", [[(3, 4), (3,)], [(4,), ()], [(4,), (1,)], [(), ()]],
+                         ids=["2d", "1d", "1d-target1", "0d"])
+def test_multi_margin_loss(reduction, shapes):
+    out_shape = shapes[1] if reduction == "none" else ()
+    fn = lambda x, t: F.multi_margin_loss(x, t, reduction=reduction)  # noqa: E731
+    gens = [randn, classes if shapes[0] else (lambda s: torch.zeros(s, dtype=torch.long))]
+    check_vmap(fn, shapes, gens=gens)
+    check_vmap_vjp(fn, shapes, out_shape, gens=gens)
+
+
+@pytest.mark.usefixtures("sweep")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(3, 4), (4,)], ids=["2d", "1d"])
+def test_multilabel_margin_loss(reduction, shape):
+    out_shape = shape[:1] if reduction == "none" and len(shape) == 2 else ()
+    fn = lambda x, t: F.multilabel_margin_loss(x, t, reduction=reduction)  # noqa: E731
+    check_vmap(fn, [shape, shape], gens=[randn, multilabel_targets])
+    check_vmap_vjp(fn, [shape, shape], out_shape, gens=[randn, multilabel_targets])
+
+
+def test_margin_losses_under_jvp_raise_like_torch_func():
+    # torch has no forward formula for them, and its decompositions disagree with the
+    # kernels: torch.func raises, and so do we rather than answer from a decomposition.
+    x, t = torch.randn(3, 4, dtype=torch.double), torch.tensor([[3, 0, -1, 1]] * 3)
+    for f in (lambda x: F.multilabel_margin_loss(x, t), lambda x: F.multi_margin_loss(x, t[:, 0])):
+        for m in (tf, ft):
+            with pytest.raises(RuntimeError, match="Trying to use forward AD"):
+                m.jvp(f, (x,), (x,))
+
+
 @pytest.mark.usefixtures("sweep")
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy(reduction):
