@@ -502,3 +502,21 @@ def test_pooling_backward_with_unbatched_input_and_indices():
     _, ft_vjp = ft.vjp(f, x)
     _, tf_vjp = tf.vjp(f, x)
     torch.testing.assert_close(ft.vmap(ft_vjp)(cts), tf.vmap(tf_vjp)(cts))
+
+
+@pytest.mark.parametrize("f", [
+    lambda x, g: F.grid_sample(x, g, align_corners=False),
+    lambda x, g: F.grid_sample(x, g, mode="nearest", padding_mode="reflection", align_corners=True),
+    lambda x, g: F.interpolate(x, size=(7, 5), mode="bilinear"),
+    lambda x, g: F.interpolate(x, scale_factor=1.7, mode="bicubic", antialias=True),
+    lambda x, g: F.interpolate(x, size=(7, 5), mode="nearest-exact"),
+], ids=["grid_sample", "grid_sample_nearest", "bilinear", "bicubic_aa", "nearest_exact"])
+def test_resampling_in_float32_matches_the_kernel_per_example(f):
+    # Served by the kernels themselves, so each example's float32 result is the one torch
+    # computes for it alone (torch's decompositions round differently).
+    torch.manual_seed(0)
+    x, grid = torch.randn(3, 2, 4, 9, 8), torch.rand(3, 2, 6, 5, 2) * 2.2 - 1.1
+    expected = torch.stack([f(x[i], grid[i]) for i in range(3)])
+    torch.testing.assert_close(ft.vmap(f)(x, grid), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ft.vmap(f, in_dims=(0, None))(x, grid[0]),
+                               torch.stack([f(x[i], grid[0]) for i in range(3)]), rtol=1e-6, atol=1e-6)
