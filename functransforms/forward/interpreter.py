@@ -66,11 +66,11 @@ class JvpInterpreter(Interpreter):
     # NOTE [Forward grad enablement]: torch's switch for forward AD
     # (``torch.autograd.forward_ad._set_fwd_grad_enabled``) is one flag; a jvp level turns
     # it on for its own call, as torch.func does, so a jvp under a disabled switch still
-    # computes tangents. The levels do not read the flag per op: torch also turns it off
-    # around every autograd.Function's forward (our collectives', a grad level's custom
-    # Functions), where the jvp levels below must keep their tangents, and the two cases
-    # cannot be told apart here. A block of ``f`` that turns it off is therefore not a
-    # constant to our jvp levels (torch.func's is).
+    # computes tangents, and a block of ``f`` that turns it off computes constants (ops
+    # there run on the primals). torch also turns it off around every autograd.Function's
+    # forward; the grad levels that run code below from inside such a forward (custom
+    # Functions, collectives) restore it there (GradInterpreter.lower), so the jvp levels
+    # below keep their tangents.
     def __enter__(self):
         self._prev_fwd_grad = torch._C._is_fwd_grad_enabled()
         if not self._prev_fwd_grad:
@@ -109,6 +109,10 @@ class JvpInterpreter(Interpreter):
                 dual._tangent = torch.zeros_like(result)
 
     def process(self, func, args, kwargs):
+        if not torch._C._is_fwd_grad_enabled() and not mutated_arg_positions(func):
+            with lowering(None):
+                return func(*_primals_of(self, args),
+                            **{k: _primal(v, self) for k, v in kwargs.items()})
         handler = _HANDLERS.get(id(func))
         if handler is None:
             handler = _choose_handler(func)
@@ -299,6 +303,11 @@ def _only_constants(level, args, kwargs):
         ):
             return False
     return True
+
+
+def _primals_of(level, args):
+    return [type(a)(_primal(b, level) for b in a) if type(a) in (list, tuple) else
+            _primal(a, level) for a in args]
 
 
 def _primal(a, level):
