@@ -12,7 +12,10 @@ function always decides the same way. ``capture`` records that decision once:
     arguments are slots: an input, an earlier op's output, or a constant captured by
     reference (a module's parameter, a buffer, a tensor built from Python numbers);
   * later calls with that signature run the tape on the new inputs: no wrappers, no
-    levels, no Python per op beyond the loop itself.
+    levels, no Python per op beyond the loop itself. Ops whose values neither the result
+    nor a write nor a random draw depends on (jacrev's primal output) are left out of the
+    tape; writes and random draws always stay, so inputs, buffers and the random stream
+    change as eagerly.
 What is baked in is what a tracing JIT bakes in: Python control flow, Python numbers
 (including any read from tensors without an op, as ``.tolist()`` and ``.numpy()`` do) and
 the identity of captured tensors (their values are read at replay time, so in-place
