@@ -63,3 +63,54 @@ def test_forward_ad_disabled_around_jvp():
         actual = ft.jvp(torch.sin, (X,), (t,))
         assert not fwAD._is_fwd_grad_enabled()
     torch.testing.assert_close(actual, tf.jvp(torch.sin, (X,), (t,)))
+
+
+def _shifted_square(x):
+    # The shift is a constant to forward mode: the tangent is that of x ** 2 alone.
+    with fwAD._set_fwd_grad_enabled(False):
+        shift = x ** 2
+    return x ** 2 - shift
+
+
+@pytest.mark.parametrize("case", ["jvp", "jvp_jvp", "jacfwd", "hessian", "vmap_jvp",
+                                  "under_enabled_switch", "custom_function"])
+def test_forward_ad_disabled_inside_f_makes_constants(case):
+    x, t = torch.randn(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+
+    class Cube(torch.autograd.Function):
+        # A grad level runs its forward (torch turns forward AD off there) on the jvp
+        # level's duals: their tangents must survive.
+        @staticmethod
+        def forward(x):
+            return x ** 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            return 3 * ctx.saved_tensors[0] ** 2 * g
+
+        @staticmethod
+        def jvp(ctx, t):
+            return 3 * ctx.saved_tensors[0] ** 2 * t
+
+    def run(m):
+        if case == "jvp":
+            return m.jvp(_shifted_square, (x,), (t,))
+        if case == "jvp_jvp":
+            return m.jvp(lambda x: m.jvp(_shifted_square, (x,), (t,))[1], (x,), (t,))
+        if case == "jacfwd":
+            return m.jacfwd(_shifted_square)(x)
+        if case == "hessian":
+            return m.hessian(lambda x: _shifted_square(x).sum())(x)
+        if case == "vmap_jvp":
+            return m.vmap(lambda x: m.jvp(_shifted_square, (x,), (t,)))(x.reshape(3, 1) * t)
+        if case == "under_enabled_switch":
+            with fwAD._set_fwd_grad_enabled(True):
+                return m.jvp(_shifted_square, (x,), (t,))
+        return m.jvp(m.grad(lambda x: Cube.apply(x).sum()), (x,), (t,))
+
+    torch.testing.assert_close(run(ft), run(tf))

@@ -57,3 +57,24 @@ def test_vmap_of_jvp_base_written_after_view():
 
     torch.testing.assert_close(run(ft), run(tf))
 
+
+
+def buffer_filled_through_views(x):
+    # A tensor made inside f has unbatched zeros as its tangent; under jacfwd the writes
+    # through its views carry tangents batched by the vmap below.
+    buf = torch.zeros(4, 3, dtype=x.dtype)
+    rows, column = buf[1:3], buf.t()[0]
+    rows.copy_(x.reshape(2, 3).exp())
+    buf[0, :] = x[:3].sin()
+    return buf * 2, column, rows
+
+
+def test_writes_into_views_of_a_fresh_tensor_under_forward_jacobians():
+    x = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for jac in ("jacfwd", "jacrev"):
+        ours, theirs = getattr(ft, jac)(buffer_filled_through_views)(x), getattr(tf, jac)(
+            buffer_filled_through_views)(x)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)
+    loss = lambda x: buffer_filled_through_views(x)[0].sin().sum()  # noqa: E731
+    torch.testing.assert_close(ft.hessian(loss)(x), tf.hessian(loss)(x))

@@ -390,6 +390,43 @@ def test_nll_loss2d(reduction):
     check_vmap_vjp(fn, shapes, (2, 3, 3) if reduction == "none" else (), gens=[randn, classes, prob])
 
 
+def multilabel_targets(shape):
+    # Class indices, with -1 ending each row's target list early (later entries are ignored).
+    return torch.randint(-1, 4, shape)
+
+
+@pytest.mark.usefixtures("sweep")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shapes", [[(3, 4), (3,)], [(4,), ()], [(4,), (1,)], [(), ()]],
+                         ids=["2d", "1d", "1d-target1", "0d"])
+def test_multi_margin_loss(reduction, shapes):
+    out_shape = shapes[1] if reduction == "none" else ()
+    fn = lambda x, t: F.multi_margin_loss(x, t, reduction=reduction)  # noqa: E731
+    gens = [randn, classes if shapes[0] else (lambda s: torch.zeros(s, dtype=torch.long))]
+    check_vmap(fn, shapes, gens=gens)
+    check_vmap_vjp(fn, shapes, out_shape, gens=gens)
+
+
+@pytest.mark.usefixtures("sweep")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(3, 4), (4,)], ids=["2d", "1d"])
+def test_multilabel_margin_loss(reduction, shape):
+    out_shape = shape[:1] if reduction == "none" and len(shape) == 2 else ()
+    fn = lambda x, t: F.multilabel_margin_loss(x, t, reduction=reduction)  # noqa: E731
+    check_vmap(fn, [shape, shape], gens=[randn, multilabel_targets])
+    check_vmap_vjp(fn, [shape, shape], out_shape, gens=[randn, multilabel_targets])
+
+
+def test_margin_losses_under_jvp_raise_like_torch_func():
+    # torch has no forward formula for them, and its decompositions disagree with the
+    # kernels: torch.func raises, and so do we rather than answer from a decomposition.
+    x, t = torch.randn(3, 4, dtype=torch.double), torch.tensor([[3, 0, -1, 1]] * 3)
+    for f in (lambda x: F.multilabel_margin_loss(x, t), lambda x: F.multi_margin_loss(x, t[:, 0])):
+        for m in (tf, ft):
+            with pytest.raises(RuntimeError, match="Trying to use forward AD"):
+                m.jvp(f, (x,), (x,))
+
+
 @pytest.mark.usefixtures("sweep")
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy(reduction):
@@ -465,3 +502,21 @@ def test_pooling_backward_with_unbatched_input_and_indices():
     _, ft_vjp = ft.vjp(f, x)
     _, tf_vjp = tf.vjp(f, x)
     torch.testing.assert_close(ft.vmap(ft_vjp)(cts), tf.vmap(tf_vjp)(cts))
+
+
+@pytest.mark.parametrize("f", [
+    lambda x, g: F.grid_sample(x, g, align_corners=False),
+    lambda x, g: F.grid_sample(x, g, mode="nearest", padding_mode="reflection", align_corners=True),
+    lambda x, g: F.interpolate(x, size=(7, 5), mode="bilinear"),
+    lambda x, g: F.interpolate(x, scale_factor=1.7, mode="bicubic", antialias=True),
+    lambda x, g: F.interpolate(x, size=(7, 5), mode="nearest-exact"),
+], ids=["grid_sample", "grid_sample_nearest", "bilinear", "bicubic_aa", "nearest_exact"])
+def test_resampling_in_float32_matches_the_kernel_per_example(f):
+    # Served by the kernels themselves, so each example's float32 result is the one torch
+    # computes for it alone (torch's decompositions round differently).
+    torch.manual_seed(0)
+    x, grid = torch.randn(3, 2, 4, 9, 8), torch.rand(3, 2, 6, 5, 2) * 2.2 - 1.1
+    expected = torch.stack([f(x[i], grid[i]) for i in range(3)])
+    torch.testing.assert_close(ft.vmap(f)(x, grid), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ft.vmap(f, in_dims=(0, None))(x, grid[0]),
+                               torch.stack([f(x[i], grid[0]) for i in range(3)]), rtol=1e-6, atol=1e-6)

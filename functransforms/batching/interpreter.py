@@ -34,6 +34,13 @@ aten = torch.ops.aten
 
 
 class BatchedTensor(LevelTensor):
+    _escaped_message = (
+        "vmap: a tensor of a finished vmap was used: your tensor may have escaped from "
+        "inside a function being vmapped (stored in a global or a closure), which is not "
+        "supported. Its value holds every example, so it cannot stand for one. Return the "
+        "tensor from the vmapped function instead."
+    )
+
     @staticmethod
     def __new__(cls, value, level):
         if is_plain_layout(value):
@@ -249,6 +256,13 @@ class VmapInterpreter(Interpreter):
         for i in mutated:
             if not (isinstance(args[i], LevelTensor) and args[i]._level is self):
                 raise RuntimeError(inplace_into_unbatched_message(func))
+        outs = _written_kwargs(func)
+        if outs:
+            # out= ops: every example writes into its own slice of a batched out tensor; an
+            # unbatched one would be overwritten by each example in turn.
+            written = [t for n in outs for t in _tensors(kwargs.get(n))]
+            if not all(isinstance(t, LevelTensor) and t._level is self for t in written):
+                raise RuntimeError(inplace_into_unbatched_message(func))
         # Ops that address storage directly (as_strided_scatter's storage_offset) would read
         # an example's slice at its offset inside the batch: give them fresh copies.
         fresh = not mutated and any(a.name == "storage_offset" for a in func._schema.arguments)
@@ -260,6 +274,8 @@ class VmapInterpreter(Interpreter):
                     a = [x.clone() if isinstance(x, torch.Tensor) else x for x in a]
                 k = {n: self.select_example(v, i) for n, v in kwargs.items()} if kwargs else _NO_KWARGS
                 results.append(func(*a, **k))
+        if outs:
+            return written[0] if len(written) == 1 else tuple(written)
         returned = returned_arg_positions(func)
         if returned:
             stacked = self._stack_results(func, results) if None in returned else None
@@ -363,6 +379,27 @@ def _decomposition_handler(decomp):
         return decomp(*args, **kwargs)
 
     return handle
+
+
+_written_kwargs_cache = {}
+
+
+def _written_kwargs(func):
+    names = _written_kwargs_cache.get(id(func))
+    if names is None:
+        names = _written_kwargs_cache[id(func)] = tuple(
+            a.name for a in func._schema.arguments
+            if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+        )
+    return names
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if type(value) in (list, tuple):
+        return tuple(v for v in value if isinstance(v, torch.Tensor))
+    return ()
 
 
 def _loop_handler(interp, func, args, kwargs):

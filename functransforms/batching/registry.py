@@ -76,7 +76,14 @@ def pad_to_rank(x, bdim, rank):
 
 
 def logical_dim(dim, rank):
-    """Wrap a (possibly negative) logical dim into [0, rank)."""
+    """Wrap a (possibly negative) logical dim into [0, rank), refusing the dims torch refuses
+    (the physical op would accept one more, the batch dim's)."""
+    bound = rank or 1
+    if not -bound <= dim < bound:
+        raise IndexError(
+            f"Dimension out of range (expected to be in range of [{-bound}, {bound - 1}], "
+            f"but got {dim})"
+        )
     if rank == 0:
         return 0
     return dim % rank if dim < 0 else dim

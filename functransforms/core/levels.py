@@ -74,13 +74,15 @@ def _exclude_without_restored_keys(exclude):
 class lowering:
     """Context for running ops one level down: excluded keys back on, grad mode set.
 
-    ``grad_mode=None`` keeps the current grad mode (vmap and jvp levels do not touch it).
+    ``grad_mode=None`` keeps the current grad mode (vmap and jvp levels do not touch it);
+    ``fwd_grad``, when given, sets torch's forward-AD switch the jvp levels below read.
     """
 
-    __slots__ = ("grad_mode", "_key_guard", "_prev_grad_mode")
+    __slots__ = ("grad_mode", "fwd_grad", "_key_guard", "_prev_grad_mode", "_prev_fwd_grad")
 
-    def __init__(self, grad_mode=None):
+    def __init__(self, grad_mode=None, fwd_grad=None):
         self.grad_mode = grad_mode
+        self.fwd_grad = fwd_grad
 
     def __enter__(self):
         include = torch._C._dispatch_tls_local_include_set()
@@ -90,9 +92,14 @@ class lowering:
         if self.grad_mode is not None:
             self._prev_grad_mode = torch.is_grad_enabled()
             torch._C._set_grad_enabled(self.grad_mode)
+        if self.fwd_grad is not None:
+            self._prev_fwd_grad = torch._C._is_fwd_grad_enabled()
+            torch._C._set_fwd_grad_enabled(self.fwd_grad)
         return self
 
     def __exit__(self, *exc):
+        if self.fwd_grad is not None:
+            torch._C._set_fwd_grad_enabled(self._prev_fwd_grad)
         if self.grad_mode is not None:
             torch._C._set_grad_enabled(self._prev_grad_mode)
         self._key_guard.__exit__(*exc)

@@ -49,13 +49,22 @@ def twin_call(func, twin):
     return call
 
 
+# torch 2.13's decompositions of these disagree with the kernels: multilabel_margin_loss
+# keeps the targets after the first -1, and both give 0-dim and 1-D inputs the wrong shapes
+# (tests/test_vmap_nn.py, the margin losses). Levels serve them otherwise.
+_WRONG_DECOMPOSITIONS = {
+    torch.ops.aten.multilabel_margin_loss_forward.default,
+    torch.ops.aten.multi_margin_loss.default,
+}
+
+
 def decomposition(func):
     """A Python decomposition of ``func`` into other aten ops, if torch has one.
 
     Random ops are never decomposed: their draws must stay one op that randomness handling
     can see.
     """
-    if torch.Tag.nondeterministic_seeded in func.tags:
+    if torch.Tag.nondeterministic_seeded in func.tags or func in _WRONG_DECOMPOSITIONS:
         return None
     decomp = decomposition_table.get(func)
     if decomp is not None:

@@ -26,6 +26,8 @@ class LevelTensor(torch.Tensor):
     """A tensor owned by one transform level; ``_value`` is the tensor one level down."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl
+    # Set by wrapper kinds whose value cannot stand for them once their level is gone.
+    _escaped_message = None
 
     @staticmethod
     def _make(cls, value, level, shape, strides, requires_grad=False):
@@ -165,13 +167,16 @@ def call_below(func, values, kwargs):
 
 def _strip_dead(x):
     while isinstance(x, LevelTensor) and not x._level.alive:
+        if x._escaped_message is not None:
+            raise RuntimeError(x._escaped_message)
         x = x._value
     return x
 
 
 def run_without_dead_wrappers(func, args, kwargs):
     # A wrapper outlived its transform (kept in a graph or a global). It stands for its
-    # value from now on.
+    # value from now on, unless that value is not what the wrapper showed (a batch of
+    # examples behind one example's shape): such wrappers carry a message instead.
     args = tree_map(_strip_dead, args)
     kwargs = tree_map(_strip_dead, kwargs or {})
     with lowering(None):

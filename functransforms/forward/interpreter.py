@@ -18,6 +18,8 @@ How an op is served, fastest first (the choice is cached per op):
      and meet their own rules;
   4. the general fallback (forward/fallback.py), counted and warned about.
 """
+import weakref
+
 import torch
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -35,6 +37,10 @@ class DualTensor(LevelTensor):
     # True when the tangent object is also another dual's tangent (a rule handed back an
     # input's tangent, ``x + c``): an in-place op must not write into it.
     _tangent_shared = False
+    # A view of a dual knows the dual it views (its root), and a root its live views: a
+    # write a tangent cannot hold re-derives them all (_promote_root_tangent).
+    _root = None
+    _views = None
 
     @staticmethod
     def __new__(cls, primal, tangent, level):
@@ -55,11 +61,11 @@ class JvpInterpreter(Interpreter):
     # NOTE [Forward grad enablement]: torch's switch for forward AD
     # (``torch.autograd.forward_ad._set_fwd_grad_enabled``) is one flag; a jvp level turns
     # it on for its own call, as torch.func does, so a jvp under a disabled switch still
-    # computes tangents. The levels do not read the flag per op: torch also turns it off
-    # around every autograd.Function's forward (our collectives', a grad level's custom
-    # Functions), where the jvp levels below must keep their tangents, and the two cases
-    # cannot be told apart here. A block of ``f`` that turns it off is therefore not a
-    # constant to our jvp levels (torch.func's is).
+    # computes tangents, and a block of ``f`` that turns it off computes constants (ops
+    # there run on the primals). torch also turns it off around every autograd.Function's
+    # forward; the grad levels that run code below from inside such a forward (custom
+    # Functions, collectives) restore it there (GradInterpreter.lower), so the jvp levels
+    # below keep their tangents.
     def __enter__(self):
         self._prev_fwd_grad = torch._C._is_fwd_grad_enabled()
         if not self._prev_fwd_grad:
@@ -89,6 +95,10 @@ class JvpInterpreter(Interpreter):
         return dual
 
     def process(self, func, args, kwargs):
+        if not torch._C._is_fwd_grad_enabled() and not mutated_arg_positions(func):
+            with lowering(None):
+                return func(*_primals_of(self, args),
+                            **{k: _primal(v, self) for k, v in kwargs.items()})
         handler = _HANDLERS.get(id(func))
         if handler is None:
             handler = _choose_handler(func)
@@ -204,10 +214,58 @@ def _inplace_via_functional(functional):
                     old.copy_(tangent)
                     return target
                 except RuntimeError:
-                    pass
+                    root = target if target._root is None else target._root
+                    if root._views:
+                        # Other duals alias this tangent: rebinding one of them alone would
+                        # silently cut the others off, so all are re-derived or none is.
+                        if not _promote_root_tangent(root, tangent):
+                            raise
+                        target._tangent.copy_(tangent)
+                        return target
             target._tangent = tangent.clone()
             target._tangent_shared = False
         return target
+
+    return handle
+
+
+def _promote_root_tangent(root, tangent):
+    """Make ``root``'s tangent able to hold ``tangent`` and re-derive its views' tangents.
+
+    The common case: a tensor created inside ``f`` has unbatched zeros as its tangent, and
+    ``buf[i] = x`` under ``jacfwd`` writes a tangent batched by the vmap below into a view of
+    them. The root's tangent becomes the same zeros batched like ``tangent`` (adding a batched
+    exact zero), and every live view takes the same window of it as before.
+    """
+    old = root._tangent
+    if old is None or old._base is not None or not old.is_contiguous() or old.storage_offset():
+        return False
+    zero = torch.zeros_like(tangent).sum().to(old.dtype)
+    new = (old + zero).contiguous()
+    if new.shape != old.shape:
+        return False
+    root._tangent = new
+    root._tangent_shared = False
+    for view in list(root._views):
+        t = view._tangent
+        if t is not None and t._base is old:
+            view._tangent = new.as_strided(t.size(), t.stride(), t.storage_offset())
+            view._tangent_shared = False
+    return True
+
+
+def _tracking_views(handler):
+    # NOTE [In-place tangents]: see _promote_root_tangent.
+    def handle(interp, func, args, kwargs):
+        out = handler(interp, func, args, kwargs)
+        base = args[0]
+        if type(out) is DualTensor and isinstance(base, DualTensor) and base._level is interp:
+            root = base if base._root is None else base._root
+            out._root = root
+            if root._views is None:
+                root._views = weakref.WeakSet()
+            root._views.add(out)
+        return out
 
     return handle
 
@@ -228,6 +286,11 @@ def _only_constants(level, args, kwargs):
         ):
             return False
     return True
+
+
+def _primals_of(level, args):
+    return [type(a)(_primal(b, level) for b in a) if type(a) in (list, tuple) else
+            _primal(a, level) for a in args]
 
 
 def _primal(a, level):
@@ -286,6 +349,8 @@ def _choose_handler(func):
     rule = JVP_RULES.get(func)
     if rule is not None and not mutated_arg_positions(func):
         handler = _rule_handler(rule)
+        if func.is_view:
+            handler = _tracking_views(handler)
     elif torch.Tag.inplace_view in func.tags and functional_twin(func) is not None:
         handler = _inplace_view(functional_twin(func))
     elif mutated_arg_positions(func) and (

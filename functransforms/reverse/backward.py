@@ -63,6 +63,7 @@ def backward_at(level, outputs, inputs, cotangents, retain_graph=True):
     this call.
     """
     level.prev_grad_mode = torch.is_grad_enabled()
+    level.prev_fwd_grad = torch._C._is_fwd_grad_enabled()
     with level:
         # Lifting the cotangents routes every backward op through this level's lowering,
         # so levels below record it even when it touches only the cotangents (sum's

@@ -62,6 +62,7 @@ class GradInterpreter(Interpreter):
     def __init__(self):
         super().__init__()
         self.prev_grad_mode = torch.is_grad_enabled()
+        self.prev_fwd_grad = torch._C._is_fwd_grad_enabled()
         self.in_backward = False
         # Set when an op of the forward pass took a tensor tracked below that is not this
         # level's (a captured parameter requiring grad, an outer level's wrapper). Its
@@ -111,8 +112,9 @@ class GradInterpreter(Interpreter):
 
     def lower(self):
         # For callers that run code on this level's behalf (custom autograd.Function forward,
-        # which torch runs under no_grad): the levels below record as if this level were off.
-        return lowering(self.prev_grad_mode)
+        # which torch runs under no_grad and with forward AD off): the levels below record,
+        # and the jvp levels below carry tangents, as if this level were off.
+        return lowering(self.prev_grad_mode, self.prev_fwd_grad)
 
     def lift(self, value, requires_grad):
         return GradTensor(value, self, requires_grad)

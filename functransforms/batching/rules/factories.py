@@ -91,7 +91,15 @@ def masked_fill_tensor(interp, func, args, bdims, kwargs):
     mask = pad_to_rank(mask, bdims[1], rank)
     if bdims[2] is None:
         # The result has self's shape, so self must carry the batch dim mask brings.
-        return func(ensure_batched(self, bdims[0], interp.batch_size), mask, value), 0
+        self = pad_to_rank(ensure_batched(self, bdims[0], interp.batch_size), 0, rank)
+        return func(self, mask, value), 0
     # masked_fill wants a 0-dim value; where() takes one value per example.
+    if value.dim() != 1:
+        raise RuntimeError(
+            f"masked_fill_ only supports a 0-dimensional value tensor, but got tensor with "
+            f"{value.dim() - 1} dimension(s).")
+    if value.is_complex() and not self.is_complex():
+        raise RuntimeError(
+            f"value cannot be converted to type {self.dtype} without overflow")
     value = pad_to_rank(value, 0, rank).to(self.dtype)
     return torch.where(mask, value, self), 0

@@ -144,7 +144,7 @@ def index_put_rule(interp, func, args, bdims, kwargs):
         self_v = ensure_batched(self_v, None, batch_size)
     self_rank = logical_rank(self_v, 0)
     call_self, call_indices, bdim = layout.batched_indices(self_v, indices, idx_bdims, batch_size)
-    result_rank = self_rank - len(indices) + layout.rank
+    result_rank = self_rank - sum(idx is not None for idx in indices) + layout.rank
     values = pad_to_rank(ensure_batched(values, bdims[2], batch_size), 0, result_rank)
     values = values.movedim(0, bdim)
     out = func(call_self, call_indices, values, *rest, **kwargs)
@@ -179,11 +179,15 @@ def _put_through_batched_mask(interp, self_v, self_bdim, indices, values, values
 # batch dim and ``dim`` moves one to the right.
 
 
-def _dim_shift_rule(tensor_names):
+def _dim_shift_rule(tensor_names, shape_from):
+    # torch treats a 0-dim self as 1-D of size 1; the result has the shape of ``shape_from``
+    # (gather's index, scatter's self), 0-dim only when that argument is.
     def rule(interp, func, args, bdims, kwargs):
         batch_size = interp.batch_size
         args = list(args)
         scalar = logical_rank(args[0], bdims[0]) == 0
+        i = _schema_slots(func)[shape_from][0]
+        scalar_out = scalar and logical_rank(args[i], bdims[i]) == 0
         for i, (a, d) in enumerate(zip(args, bdims)):
             if isinstance(a, torch.Tensor) and func._schema.arguments[i].name in tensor_names:
                 a = ensure_batched(a, d, batch_size)
@@ -191,15 +195,15 @@ def _dim_shift_rule(tensor_names):
         dim = get_arg(func, args, kwargs, "dim")
         pdim = 1 if scalar else physical_dim(dim, logical_rank(args[0], 0))
         out = call_with(func, args, kwargs, dim=pdim)
-        return (out.squeeze(-1) if scalar else out), 0
+        return (out.squeeze(-1) if scalar_out else out), 0
 
     return rule
 
 
-batch_rule(aten.gather.default)(_dim_shift_rule({"self", "index"}))
+batch_rule(aten.gather.default)(_dim_shift_rule({"self", "index"}, "index"))
 batch_rule(aten.scatter.src, aten.scatter.value, aten.scatter.reduce, aten.scatter.value_reduce,
            aten.scatter_add.default, aten.scatter_reduce.two)(
-    _dim_shift_rule({"self", "index", "src"}))
+    _dim_shift_rule({"self", "index", "src"}, "self"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,6 +354,9 @@ def _selection_order(mask, batch_size):
 
 @batch_rule(aten.masked_scatter.default)
 def masked_scatter_rule(interp, func, args, bdims, kwargs):
+    if args[1].dtype != torch.bool:
+        raise RuntimeError(f"masked_scatter_ only supports boolean masks, but got mask with "
+                           f"dtype {args[1].dtype}")
     batch_size = interp.batch_size
     self_v, mask = _broadcast_batched(batch_size, (args[0], bdims[0]), (args[1], bdims[1]))
     source = ensure_batched(args[2], bdims[2], batch_size).reshape(batch_size, -1)

@@ -110,5 +110,7 @@ def check_errors_rule(interp, func, args, bdims, kwargs):
 @batch_rule(aten.trace.default)
 def trace_rule(interp, func, args, bdims, kwargs):
     (x,) = args
+    if x.dim() != 3:
+        raise RuntimeError(f"trace: expected a matrix, but got tensor with dim {x.dim() - 1}")
     return x.diagonal(0, 1, 2).sum(-1), 0
 

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..interpreter import _NeedsFallback
 from ..registry import batch_rule, ensure_batched, logical_rank, pad_to_rank, register_rule
 
 aten = torch.ops.aten
@@ -192,3 +193,98 @@ for _op, (_positions, _reduction_position) in _ELEMENTWISE.items():
     register_rule(_op, _elementwise_loss_rule(_positions, _reduction_position))
 for _op, (_positions, _reduction_position) in _ELEMENTWISE_BACKWARD.items():
     register_rule(_op, _elementwise_loss_backward_rule(_positions, _reduction_position))
+
+
+# -- row-wise losses ----------------------------------------------------------------------
+# multi_margin_loss and multilabel_margin_loss score each row of an (N, C) input; a (C,)
+# input is one row and a 0-dim one a row of one class. The rows of every example go to one
+# unreduced kernel call. (torch's decompositions of these ops get the 0-dim and 1-D cases
+# wrong, so the kernels themselves are called.)
+
+
+def _as_rows(x, bdim, batch_size):
+    """(the example rows as an (B * N, C) tensor, N)."""
+    x = ensure_batched(x, bdim, batch_size)
+    if x.dim() == 1:
+        return x.reshape(batch_size, 1), 1
+    if x.dim() == 2:
+        return x, 1
+    return x.reshape(batch_size * x.shape[1], x.shape[2]), x.shape[1]
+
+
+def _reduce_rows(out, rank, reduction, batch_size):
+    out = out.reshape(batch_size, -1)
+    if reduction == _MEAN:
+        return out.mean(1)
+    if reduction == _SUM:
+        return out.sum(1)
+    return out if rank == 2 else out.reshape(batch_size)
+
+
+def _spread_over_rows(grad_out, bdim, rows, reduction, batch_size):
+    """A per-example grad_output as one value per row, for an unreduced backward call."""
+    grad_out = ensure_batched(grad_out, bdim, batch_size).reshape(batch_size, -1)
+    if reduction == _NONE:
+        return grad_out.reshape(-1)
+    per_row = grad_out.expand(batch_size, rows).reshape(-1)
+    return per_row / rows if reduction == _MEAN else per_row
+
+
+@batch_rule(aten.multi_margin_loss.default)
+def multi_margin_loss_rule(interp, func, args, bdims, kwargs):
+    x, target, p, margin, weight, reduction = _multi_margin_args(args, kwargs)
+    if len(bdims) > 4 and bdims[4] is not None:
+        raise _NeedsFallback()
+    B = interp.batch_size
+    rows, n = _as_rows(x, bdims[0], B)
+    target = ensure_batched(target, bdims[1], B)
+    out = func(rows, target.reshape(-1), p, margin, weight, _NONE)
+    if reduction == _NONE:
+        # One loss per target, shaped like it ((1,) for a (C,) input and a (1,) target).
+        return out.reshape(target.shape), 0
+    return _reduce_rows(out, logical_rank(x, bdims[0]), reduction, B), 0
+
+
+@batch_rule(aten.multi_margin_loss_backward.default)
+def multi_margin_loss_backward_rule(interp, func, args, bdims, kwargs):
+    grad_out = args[0]
+    x, target, p, margin, weight, reduction = _multi_margin_args(args[1:], kwargs)
+    if len(bdims) > 5 and bdims[5] is not None:
+        raise _NeedsFallback()
+    B = interp.batch_size
+    rows, n = _as_rows(x, bdims[1], B)
+    target = ensure_batched(target, bdims[2], B).reshape(-1)
+    grad_out = _spread_over_rows(grad_out, bdims[0], n, reduction, B)
+    grad = func(grad_out, rows, target, p, margin, weight, _NONE)
+    return grad.reshape(ensure_batched(x, bdims[1], B).shape), 0
+
+
+def _multi_margin_args(args, kwargs):
+    defaults = [None, None, 1, 1, None, _MEAN]
+    names = ["self", "target", "p", "margin", "weight", "reduction"]
+    values = list(args) + defaults[len(args):]
+    return [kwargs.get(n, v) for n, v in zip(names, values)]
+
+
+@batch_rule(aten.multilabel_margin_loss_forward.default)
+def multilabel_margin_loss_forward_rule(interp, func, args, bdims, kwargs):
+    x, target, reduction = args
+    B = interp.batch_size
+    rows, n = _as_rows(x, bdims[0], B)
+    target_rows, _ = _as_rows(target, bdims[1], B)
+    out, is_target = func(rows, target_rows, _NONE)
+    shape = ensure_batched(x, bdims[0], B).shape
+    return (_reduce_rows(out, logical_rank(x, bdims[0]), reduction, B),
+            is_target.reshape(shape)), 0
+
+
+@batch_rule(aten.multilabel_margin_loss_backward.default)
+def multilabel_margin_loss_backward_rule(interp, func, args, bdims, kwargs):
+    grad_out, x, target, reduction, is_target = args
+    B = interp.batch_size
+    rows, n = _as_rows(x, bdims[1], B)
+    target_rows, _ = _as_rows(target, bdims[2], B)
+    is_target_rows, _ = _as_rows(is_target, bdims[4], B)
+    grad_out = _spread_over_rows(grad_out, bdims[0], n, reduction, B)
+    grad = func(grad_out, rows, target_rows, _NONE, is_target_rows)
+    return grad.reshape(ensure_batched(x, bdims[1], B).shape), 0

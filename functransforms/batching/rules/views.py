@@ -182,6 +182,9 @@ def permute(interp, func, args, bdims, kwargs):
 @batch_rule(aten.t.default, aten.t_copy.default)
 def t(interp, func, args, bdims, kwargs):
     x = args[0]
+    if x.dim() > 3:
+        raise RuntimeError(
+            f"t() expects a tensor with <= 2 dimensions, but self is {x.dim() - 1}D")
     if x.dim() < 3:
         return aten.alias.default(x), 0
     return x.transpose(1, 2), 0
