@@ -300,6 +300,14 @@ def test_a_constant_whose_layout_changed_is_replayed_not_run_compiled():
     torch.testing.assert_close(f(x), x * 2)
     assert len(seen) == 2
 
+    compiled = []
+    g = ft.capture(ft.vmap(lambda x: x * weight), backend=lambda gm, ex: compiled.append(gm))
+    g(x)  # records with weight of shape (1,)
+    weight.data = torch.full((3,), 3.0)  # changed before the call that would compile
+    for _ in range(2):
+        torch.testing.assert_close(g(x), x * 3)
+    assert compiled == []
+
 
 def test_unknown_backend_is_refused_when_capturing():
     with pytest.raises(Exception, match="no_such_backend"):

@@ -470,11 +470,11 @@ class _CompiledTape:
         self.compiled = None
 
     def run(self, inputs):
+        if _layout(self.constants) != self.constant_layout:  # as recorded, and compiled
+            return self.tape.run(inputs)
         compiled = self.compiled
         if compiled is None:
             return self._first_run(inputs)
-        if _layout(self.constants) != self.constant_layout:
-            return self.tape.run(inputs)
         outs = iter(compiled(*inputs, *self.constants))
         leaves = [next(outs) if kind == "graph" else inputs[v] if kind == "input" else v
                   for kind, v in self.sources]
