@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-import functransforms as ft
+# The checkout this script belongs to, not whichever functransforms the environment finds
+# first (another checkout on PYTHONPATH), is the one measured and named in the header.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import functransforms as ft  # noqa: E402
 # ``python benchmarks/run.py`` puts this directory first on sys.path, so the workloads
 # package imports as a top-level one.
 from workloads import harness  # noqa: E402

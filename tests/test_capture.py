@@ -268,3 +268,29 @@ def test_too_many_signatures_run_eagerly():
         for batch in range(1, 19):
             x = torch.randn(batch, 2)
             torch.testing.assert_close(f(x), x.sin())
+
+
+def test_values_nothing_reads_are_not_replayed_but_effects_are():
+    weight = torch.randn(3, 3, dtype=torch.float64)
+
+    def f(x, acc):
+        acc.add_(1)  # its result is unused, the write is not
+        torch.rand(2)  # unused, but eager execution advances the random stream
+        (x @ weight).exp()  # unused
+        return ft.jacrev(lambda y: (y @ weight).tanh())(x)
+
+    gm = ft.make_graph(f)(torch.randn(3, dtype=torch.float64), torch.zeros(2))
+    code = gm.code
+    assert "exp" not in code and "add_" in code and "rand" in code
+    captured = ft.capture(f)
+    acc, acc_eager = torch.zeros(2), torch.zeros(2)
+    for seed in range(3):
+        x = torch.randn(3, dtype=torch.float64)
+        torch.manual_seed(seed)
+        out = captured(x, acc)
+        after = torch.rand(1)
+        torch.manual_seed(seed)
+        expected = f(x, acc_eager)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(after, torch.rand(1))
+    torch.testing.assert_close(acc, acc_eager)

@@ -275,3 +275,40 @@ def test_inductor_per_sample_grads_match_torch_func():
             assert_close_tree(compiled(*inputs(seed)), reference(*inputs(seed)))
     # neither an eager run nor a replay instead of the compiled program
     assert not [w for w in caught if "capture(" in str(w.message)], caught
+
+
+def test_a_constant_whose_layout_changed_is_replayed_not_run_compiled():
+    seen = []
+
+    def backend(gm, example_inputs):
+        layouts = [(t.shape, t.stride()) for t in example_inputs]
+
+        def run(*args):
+            # a compiled program may bake shapes in: it must never see other ones
+            assert [(t.shape, t.stride()) for t in args] == layouts
+            seen.append(True)
+            return gm(*args)
+        return run
+
+    weight = torch.ones(3)
+    f = ft.capture(ft.vmap(lambda x: x * weight), backend=backend)
+    x = torch.randn(2, 3)
+    for _ in range(3):
+        torch.testing.assert_close(f(x), x)
+    assert len(seen) == 2
+    weight.data = torch.full((1,), 2.0)  # same signature of the inputs, new shape
+    torch.testing.assert_close(f(x), x * 2)
+    assert len(seen) == 2
+
+    compiled = []
+    g = ft.capture(ft.vmap(lambda x: x * weight), backend=lambda gm, ex: compiled.append(gm))
+    g(x)  # records with weight of shape (1,)
+    weight.data = torch.full((3,), 3.0)  # changed before the call that would compile
+    for _ in range(2):
+        torch.testing.assert_close(g(x), x * 3)
+    assert compiled == []
+
+
+def test_unknown_backend_is_refused_when_capturing():
+    with pytest.raises(Exception, match="no_such_backend"):
+        ft.capture(torch.sin, backend="no_such_backend")

@@ -12,7 +12,10 @@ function always decides the same way. ``capture`` records that decision once:
     arguments are slots: an input, an earlier op's output, or a constant captured by
     reference (a module's parameter, a buffer, a tensor built from Python numbers);
   * later calls with that signature run the tape on the new inputs: no wrappers, no
-    levels, no Python per op beyond the loop itself.
+    levels, no Python per op beyond the loop itself. Ops whose values neither the result
+    nor a write nor a random draw depends on (jacrev's primal output) are left out of the
+    tape; writes and random draws always stay, so inputs, buffers and the random stream
+    change as eagerly.
 What is baked in is what a tracing JIT bakes in: Python control flow, Python numbers
 (including any read from tensors without an op, as ``.tolist()`` and ``.numpy()`` do) and
 the identity of captured tensors (their values are read at replay time, so in-place
@@ -135,24 +138,26 @@ class _Tape:
     def __init__(self, recorder, num_inputs, out_slots, rebuild_output, out_constants):
         self.num_inputs = num_inputs
         self.num_slots = len(recorder.alive)
-        self.constants = list(recorder.constants.items())
         self.out_slots = out_slots
         self.rebuild_output = rebuild_output
         self.out_constants = out_constants
+        steps = _live_steps(recorder.steps, out_slots)
         # Free each intermediate after its last use, as eager execution would.
         last_use = {}
-        for i, (_, a, k, _) in enumerate(recorder.steps):
+        for i, (_, a, k, _) in enumerate(steps):
             for s in _slots_in((a, k)):
                 last_use[s] = i
+        self.constants = [(index, t) for index, t in recorder.constants.items()
+                          if index in last_use or index in out_slots]
         keep = set(out_slots) | set(range(num_inputs)) | set(recorder.constants)
-        frees = [[] for _ in recorder.steps]
+        frees = [[] for _ in steps]
         for s, i in last_use.items():
             if s not in keep:
                 frees[i].append(s)
-        self.recorded = recorder.steps
+        self.recorded = steps
         self.steps = [
             (op._op, *_compile_args(a, k), outs, tuple(f))
-            for (op, a, k, outs), f in zip(recorder.steps, frees)
+            for (op, a, k, outs), f in zip(steps, frees)
         ]
 
     def to_graph(self, inputs, constants_as_inputs):
@@ -226,6 +231,25 @@ class _Tape:
                 env[s] = None
         leaves = [env[s] if s is not None else c for s, c in zip(self.out_slots, self.out_constants)]
         return self.rebuild_output(leaves)
+
+
+def _live_steps(steps, out_slots):
+    """The steps a replay needs: those writing into a tensor or drawing random numbers
+    (their effects are seen), and those computing a tensor that a result or such a step
+    reads. A transform often computes values nothing reads (jacrev's primal output, a
+    forward value only its backward would need): eager execution runs them, a replay
+    need not."""
+    live = set(out_slots)
+    kept = []
+    for step in reversed(steps):
+        func, a, k, outs = step
+        produced = (outs,) if type(outs) is int else outs or ()
+        if (func._schema.is_mutable or torch.Tag.nondeterministic_seeded in func.tags
+                or outs is None or any(s in live for s in produced)):
+            kept.append(step)
+            live.update(_slots_in((a, k)))
+    kept.reverse()
+    return kept
 
 
 def _compile_args(args, kwargs):
@@ -347,9 +371,9 @@ def capture(func, *, backend=None, mode=None, options=None):
     """
     tapes = {}
     warned = []  # falling back to eager execution is a slow path: say so once per function
-    compile_kwargs = None
+    compiler = None
     if backend is not None:
-        compile_kwargs = {"backend": backend, "mode": mode, "options": options}
+        compiler = _compiler(backend, mode, options)
     elif mode is not None or options is not None:
         raise ValueError("capture: mode and options are torch.compile's; pass a backend too")
 
@@ -378,16 +402,24 @@ def capture(func, *, backend=None, mode=None, options=None):
         if failure is not None and not warned:
             warned.append(True)
             _warn_eager(func, failure)
-        if compile_kwargs is not None and tape is not _EAGER:
-            tape = _CompiledTape(tape, func, compile_kwargs)
+        if compiler is not None and tape is not _EAGER:
+            tape = _CompiledTape(tape, func, compiler)
         tapes[key] = tape
         return result
 
     return wrapper
 
 
+def _compiler(backend, mode, options):
+    """The ``(graph_module, example_inputs) -> callable`` that ``torch.compile(backend=...,
+    mode=..., options=...)`` would hand its graphs to (an unknown backend name raises here)."""
+    if backend == "inductor":
+        return torch._TorchCompileInductorWrapper(mode, options, False)
+    return torch._TorchCompileWrapper(backend, mode, options, False)
+
+
 class _CompiledTape:
-    """One signature's recording as an FX graph run by ``torch.compile``.
+    """One signature's recording as an FX graph compiled by a ``torch.compile`` backend.
 
     NOTE [Compiled capture]
     ``capture(f, backend=...)`` records exactly as plain capture does (NOTE [Capture and
@@ -395,22 +427,29 @@ class _CompiledTape:
     recording becomes an FX graph whose inputs are the call's tensors followed by the
     captured constants (so their values, not copies, are read at every call, and in-place
     updates of parameters are seen), and whose outputs are the results the ops computed
-    (returned inputs and constants are handed back as themselves). The graph goes to
-    ``torch.compile(fullgraph=True, dynamic=False)``: the first call with a signature records
-    eagerly, the second compiles (the compile time is paid there, once per signature) and
-    every call runs the compiled program under ``no_grad``. On top of what capture bakes in,
-    the backend may fuse and reorder floating-point work, so results can differ from eager
-    ones in the last bits; random ops draw anew on each call, from the backend's own stream
-    (inductor's differs from eager's). In-place writes into inputs and buffers reach them.
-    If the backend fails on a graph, that signature is replayed op by op, with a warning.
+    (returned inputs and constants are handed back as themselves). The first call with a
+    signature records eagerly; the second hands the graph and its inputs straight to the
+    backend's compiler, as ``torch.compile(backend=..., mode=..., options=..., dynamic=False)``
+    would after tracing (the compile time is paid there, once per signature); every call
+    runs the compiled program under ``no_grad``. No dynamo frame sits around it: the
+    signature key is already the guard dynamo would check, so a call costs the compiled
+    program plus capture's own lookup, not dynamo's guards on every tensor. What dynamo's
+    guards would also catch, a captured constant whose shape, strides, dtype or device
+    changed since the compile, sends that call to the op-by-op replay. On top of what capture
+    bakes in, the backend may fuse and reorder floating-point work, so results can differ
+    from eager ones in the last bits; random ops draw anew on each call, from the backend's
+    own stream (inductor's differs from eager's). In-place writes into inputs and buffers
+    reach them. If the backend fails on a graph, that signature is replayed op by op, with
+    a warning.
     """
 
-    def __init__(self, tape, func, compile_kwargs):
+    def __init__(self, tape, func, compiler):
         self.tape = tape
         self.func = func
-        self.compile_kwargs = compile_kwargs
+        self.compiler = compiler
         constant_slots = {index: t for index, t in tape.constants}
         self.constants = list(constant_slots.values())
+        self.constant_layout = _layout(self.constants)
         # Each result leaf: ("graph", None) from the compiled outputs in order, ("input", i),
         # or ("value", v) for a captured constant or a non-tensor.
         self.sources, computed = [], []
@@ -431,6 +470,8 @@ class _CompiledTape:
         self.compiled = None
 
     def run(self, inputs):
+        if _layout(self.constants) != self.constant_layout:  # as recorded, and compiled
+            return self.tape.run(inputs)
         compiled = self.compiled
         if compiled is None:
             return self._first_run(inputs)
@@ -440,22 +481,24 @@ class _CompiledTape:
         return self.tape.rebuild_output(leaves)
 
     def _first_run(self, inputs):
-        self.compiled = torch.compile(self.graph_module, fullgraph=True, dynamic=False,
-                                      **self.compile_kwargs)
         try:
+            self.compiled = self.compiler(self.graph_module, [*inputs, *self.constants])
             return self.run(inputs)
-        except Exception as e:  # the backend's failure: compile errors surface on first call
+        except Exception as e:  # the backend's failure, at compile time or on the first run
             self.run = self.tape.run  # from now on, for this signature
-            # torch.compile wraps the backend's own error
-            e = getattr(e, "inner_exception", None) or e.__cause__ or e
-            backend = self.compile_kwargs["backend"]
+            e = getattr(e, "inner_exception", None) or e  # inductor wraps the real error
+            backend = self.compiler.compiler_name
             name = getattr(self.func, "__name__", repr(self.func))
             message = str(e).strip().splitlines()
             warnings.warn(
-                f"capture({name}, backend={getattr(backend, '__name__', backend)!r}): "
+                f"capture({name}, backend={backend!r}): "
                 f"compiling failed ({type(e).__name__}: {message[0] if message else ''}); "
                 f"replaying the recorded ops for this signature instead.", stacklevel=4)
             return self.tape.run(inputs)
+
+
+def _layout(tensors):
+    return [(t.shape, t.stride(), t.storage_offset(), t.dtype, t.device) for t in tensors]
 
 
 _EAGER = object()

@@ -3,7 +3,8 @@
 ``make_graph(f)(*args)`` records ``f`` once, exactly as the first call of ``capture(f)``
 does (NOTE [Capture and replay] in api/capture.py), and returns the recording as a
 ``torch.fx.GraphModule``: one placeholder per leaf of the call's arguments, one node per
-plain aten op, the result's structure rebuilt at the end. ``gm.code`` and
+plain aten op the tape keeps (those the result, a write or a random draw depends on), the
+result's structure rebuilt at the end. ``gm.code`` and
 ``gm.print_readable()`` show it; ``gm(*args)`` runs it on new inputs of the same
 signature. Tensors the function reads besides its inputs (a module's parameters, constants
 built from Python numbers) are attributes of the module, held by reference. The recording
