@@ -20,14 +20,12 @@ every example the same mask. Like torch.func, which intercepts dropout before it
 decomposes, a torch-function mode (active only under 'different') batches the input first:
 each example then gets its own mask.
 """
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..core.levels import level_stack
-from ..core.mode import register_random_handler
+from ..core.mode import one_mode_while_held, register_random_handler
 from .fallback import op_name
 from ..core.wrapper import LevelTensor
 from .interpreter import (
@@ -84,7 +82,6 @@ _DROPOUTS = frozenset([
     F.dropout3d, torch.dropout, torch.alpha_dropout, torch.feature_dropout,
     torch.feature_alpha_dropout,
 ])
-_local = threading.local()
 
 
 def _batched_at(x, level):
@@ -107,24 +104,8 @@ class _DropoutDrawsPerExample(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _dropout_draws_per_example:
-    """One mode on the stack however many 'different' levels are nested."""
-
-    __slots__ = ("_mode",)
-
-    def __enter__(self):
-        self._mode = None
-        if not getattr(_local, "active", False):
-            _local.active = True
-            self._mode = _DropoutDrawsPerExample()
-            self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._mode is not None:
-            _local.active = False
-            self._mode.__exit__(*exc)
-        return False
+# One mode on the stack however many 'different' levels are nested.
+_dropout_draws_per_example = one_mode_while_held(_DropoutDrawsPerExample)
 
 
 def refuse_in_error_mode(func, args, kwargs):

@@ -26,7 +26,6 @@ from .levels import level_stack
 from .wrapper import innermost_level, run_without_dead_wrappers
 
 _SEEDED = torch.Tag.nondeterministic_seeded
-_local = threading.local()
 # How a random op that no wrapper reaches is drawn while a transform is active; one slot,
 # filled by the vmap interpreter when it is imported. Plain ``func`` call until then.
 _random_handler = [None]
@@ -95,29 +94,49 @@ def _adopt(level, out):
     return out
 
 
-class transform_mode_active:
-    """Keep one TransformMode on the mode stack for as long as any holder needs it."""
+class one_mode_while_held:
+    """Keep one instance of a mode on the mode stack for as long as any holder needs it.
 
-    __slots__ = ("_mode",)
+    Nested holders (a vmap inside a vmap) reuse the instance already pushed; the mode is
+    made once per thread, since constructing one costs about as much as a cheap op.
+    """
+
+    __slots__ = ("_state", "_make")
+
+    def __init__(self, make_mode):
+        self._state = threading.local()
+        self._make = make_mode
+
+    def __call__(self):
+        return _Holder(self)
+
+
+class _Holder:
+    __slots__ = ("_shared", "_mode")
+
+    def __init__(self, shared):
+        self._shared = shared
 
     def __enter__(self):
         self._mode = None
-        if not getattr(_local, "active", False):
-            # One instance per thread, re-entered by every transform call: constructing a
-            # mode costs about as much as a cheap op.
-            mode = getattr(_local, "mode", None)
+        state = self._shared._state
+        if not getattr(state, "active", False):
+            mode = getattr(state, "mode", None)
             if mode is None:
-                mode = _local.mode = TransformMode()
-            _local.active = True
+                mode = state.mode = self._shared._make()
+            state.active = True
             self._mode = mode
             mode.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self._mode is not None:
-            _local.active = False
+            self._shared._state.active = False
             self._mode.__exit__(*exc)
         return False
+
+
+transform_mode_active = one_mode_while_held(lambda: TransformMode())
 
 
 class adopting_new_tensors:
