@@ -333,19 +333,6 @@ def fuzz(n_trials, first_seed=0):
     return counts, failures
 
 
-# Failure families still open in issue 13, by a piece of their message. A fast-tier failure
-# in one of them is reported, not failed on; remove entries as their families land. The slow
-# run allows none.
-KNOWN_FAILURES = {
-    "Trying to backward through prims.": "reverse over forward: a forward level's decomposition "
-                                         "emits prims ops that have no autograd formula",
-}
-
-
-def _known(detail):
-    return any(k in detail for k in KNOWN_FAILURES)
-
-
 def _report(counts, failures, limit=3):
     lines = [f"trials: {dict(counts)}"]
     by_detail = collections.Counter((s, d.split(":")[0] if s == "crash" else "mismatch")
@@ -362,8 +349,7 @@ N_FAST = 300
 def test_fuzz_fast():
     counts, failures = fuzz(N_FAST, first_seed=0)
     assert counts["pass"] >= N_FAST // 3, _report(counts, failures)
-    unexplained = [f for f in failures if not _known(f[2])]
-    assert not unexplained, _report(counts, unexplained)
+    assert not failures, _report(counts, failures)
 
 
 # Failures of the 10,000-trial run before issue 13's last fixes, one or two per family: third
