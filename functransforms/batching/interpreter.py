@@ -362,6 +362,7 @@ def _rule_handler(rule, func):
         if type(out) is torch.Tensor or isinstance(out, torch.Tensor):
             if out_bdims is None or (type(out_bdims) in (list, tuple) and out_bdims[0] is None):
                 return out
+            # is_plain_layout inlined (every op): a plain result takes the cheap constructor.
             if (type(out) is torch.Tensor and out.layout is _STRIDED and not out.is_complex()
                     and out.is_contiguous()):
                 return new_wrapper(BatchedTensor, out, interp, out.shape[1:])
@@ -459,7 +460,8 @@ def _elementwise_handler(general, func):
         out = op(*values)
         if not isinstance(out, torch.Tensor):
             return interp.wrap_out(out, 0)  # frexp and the few other multi-output ones
-        if type(out) is torch.Tensor and out.layout is _STRIDED and not out.is_complex() and out.is_contiguous():
+        if (type(out) is torch.Tensor and out.layout is _STRIDED and not out.is_complex()
+                and out.is_contiguous()):  # is_plain_layout, inlined
             return new_wrapper(BatchedTensor, out, interp, out.shape[1:])
         return BatchedTensor(out, interp)
 

@@ -111,7 +111,7 @@ class JvpInterpreter(Interpreter):
     def process(self, func, args, kwargs):
         if not torch._C._is_fwd_grad_enabled() and not mutated_arg_positions(func):
             with lowering(None):
-                return func(*_primals_of(self, args),
+                return func(*[_primal(a, self) for a in args],
                             **{k: _primal(v, self) for k, v in kwargs.items()})
         handler = _HANDLERS.get(id(func))
         if handler is None:
@@ -239,6 +239,8 @@ def _inplace_via_functional(functional):
                             raise
                         target._tangent.copy_(tangent)
                         return target
+                    if target._value._base is not None:
+                        raise  # a view of something no rule told us about: never cut it off
             target._tangent = tangent.clone()
             target._tangent_shared = False
         return target
@@ -276,12 +278,14 @@ def _tracking_views(handler):
     def handle(interp, func, args, kwargs):
         out = handler(interp, func, args, kwargs)
         base = args[0]
-        if type(out) is DualTensor and isinstance(base, DualTensor) and base._level is interp:
+        if isinstance(base, DualTensor) and base._level is interp:
             root = base if base._root is None else base._root
-            out._root = root
-            if root._views is None:
-                root._views = weakref.WeakSet()
-            root._views.add(out)
+            for view in (out if type(out) in (tuple, list) else (out,)):  # split, unbind
+                if type(view) is DualTensor:
+                    view._root = root
+                    if root._views is None:
+                        root._views = weakref.WeakSet()
+                    root._views.add(view)
         return out
 
     return handle
@@ -303,11 +307,6 @@ def _only_constants(level, args, kwargs):
         ):
             return False
     return True
-
-
-def _primals_of(level, args):
-    return [type(a)(_primal(b, level) for b in a) if type(a) in (list, tuple) else
-            _primal(a, level) for a in args]
 
 
 def _primal(a, level):

@@ -13,6 +13,7 @@ import torch
 
 from ..interpreter import _NeedsFallback
 from ..registry import batch_rule, ensure_batched, logical_rank, pad_to_rank, register_rule
+from .indexing import get_arg
 
 aten = torch.ops.aten
 
@@ -232,7 +233,7 @@ def _spread_over_rows(grad_out, bdim, rows, reduction, batch_size):
 
 @batch_rule(aten.multi_margin_loss.default)
 def multi_margin_loss_rule(interp, func, args, bdims, kwargs):
-    x, target, p, margin, weight, reduction = _multi_margin_args(args, kwargs)
+    x, target, p, margin, weight, reduction = _multi_margin_args(func, args, kwargs)
     if len(bdims) > 4 and bdims[4] is not None:
         raise _NeedsFallback()
     B = interp.batch_size
@@ -248,7 +249,7 @@ def multi_margin_loss_rule(interp, func, args, bdims, kwargs):
 @batch_rule(aten.multi_margin_loss_backward.default)
 def multi_margin_loss_backward_rule(interp, func, args, bdims, kwargs):
     grad_out = args[0]
-    x, target, p, margin, weight, reduction = _multi_margin_args(args[1:], kwargs)
+    x, target, p, margin, weight, reduction = _multi_margin_args(func, args, kwargs)
     if len(bdims) > 5 and bdims[5] is not None:
         raise _NeedsFallback()
     B = interp.batch_size
@@ -259,11 +260,9 @@ def multi_margin_loss_backward_rule(interp, func, args, bdims, kwargs):
     return grad.reshape(ensure_batched(x, bdims[1], B).shape), 0
 
 
-def _multi_margin_args(args, kwargs):
-    defaults = [None, None, 1, 1, None, _MEAN]
-    names = ["self", "target", "p", "margin", "weight", "reduction"]
-    values = list(args) + defaults[len(args):]
-    return [kwargs.get(n, v) for n, v in zip(names, values)]
+def _multi_margin_args(func, args, kwargs):
+    return [get_arg(func, args, kwargs, name)
+            for name in ("self", "target", "p", "margin", "weight", "reduction")]
 
 
 @batch_rule(aten.multilabel_margin_loss_forward.default)

@@ -76,32 +76,23 @@ _POOLING = {
     aten.replication_pad1d_backward.default: (1, (0, 1)),
     aten.replication_pad2d_backward.default: (2, (0, 1)),
     aten.replication_pad3d_backward.default: (3, (0, 1)),
-    # Resampling: the kernels, not torch's decompositions, whose float32 results differ.
-    # A grid is (N, *out_spatial, spatial), as many dims as the input.
-    aten.upsample_nearest1d.default: (1, (0,)),
-    aten.upsample_nearest2d.default: (2, (0,)),
-    aten.upsample_nearest3d.default: (3, (0,)),
-    aten._upsample_nearest_exact1d.default: (1, (0,)),
-    aten._upsample_nearest_exact2d.default: (2, (0,)),
-    aten._upsample_nearest_exact3d.default: (3, (0,)),
-    aten.upsample_linear1d.default: (1, (0,)),
-    aten.upsample_bilinear2d.default: (2, (0,)),
-    aten.upsample_bicubic2d.default: (2, (0,)),
-    aten.upsample_trilinear3d.default: (3, (0,)),
-    aten._upsample_bilinear2d_aa.default: (2, (0,)),
-    aten._upsample_bicubic2d_aa.default: (2, (0,)),
+    # A grid is (N, *out_spatial, spatial dims): as many dims as the input.
     aten.grid_sampler_2d.default: (2, (0, 1)),
     aten.grid_sampler_3d.default: (3, (0, 1)),
     aten.grid_sampler_2d_backward.default: (2, (0, 1, 2)),
     aten.grid_sampler_3d_backward.default: (3, (0, 1, 2)),
 }
-for _name in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
-              "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
-              "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d",
-              "upsample_bicubic2d", "upsample_trilinear3d", "_upsample_bilinear2d_aa",
-              "_upsample_bicubic2d_aa"):
-    # The .vec overloads (output_size or scale_factors) take the same input.
-    _POOLING[getattr(aten, _name).vec] = _POOLING[getattr(aten, _name).default]
+# Resampling is served by the kernels, not torch's decompositions, whose float32 results
+# differ. Both overloads (output_size or scale_factors) take the same input.
+_RESAMPLING = {
+    "upsample_nearest1d": 1, "upsample_nearest2d": 2, "upsample_nearest3d": 3,
+    "_upsample_nearest_exact1d": 1, "_upsample_nearest_exact2d": 2,
+    "_upsample_nearest_exact3d": 3, "upsample_linear1d": 1, "upsample_bilinear2d": 2,
+    "upsample_bicubic2d": 2, "upsample_trilinear3d": 3, "_upsample_bilinear2d_aa": 2,
+    "_upsample_bicubic2d_aa": 2,
+}
+for _name, _spatial in _RESAMPLING.items():
+    _POOLING[getattr(aten, _name).default] = _POOLING[getattr(aten, _name).vec] = (_spatial, (0,))
 
 for _op, (_spatial, _positions) in _POOLING.items():
     register_rule(_op, _fold_rule(_spatial, _positions))
