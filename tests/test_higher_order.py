@@ -385,6 +385,84 @@ def test_det_jvp_at_singular_matrix_is_zero_like_torch():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("stack", ["jvp_vjp_vjp", "jvp_jacrev_vjp", "grad_grad_grad"])
+def test_det_third_order_two_reverse_levels(xva, stack):
+    # NOTE [Ops whose torch backward breaks at higher order]: torch's det backward on
+    # subclasses always takes the SVD path, whose next derivative divides by the gaps between
+    # U's singular values (all 1): NaN or a percent off (torch.func too). Reference: central
+    # differences of ft's second order, which is checked against torch.func.
+    x, v, A = xva
+    f = lambda y: torch.linalg.det(_well_conditioned(y, A)).exp().reshape(1)  # noqa: E731
+    w = torch.linspace(1, 2, 6, dtype=torch.float64)
+
+    def second(T, y):
+        if stack == "grad_grad_grad":
+            return T.grad(lambda z: (T.grad(lambda u: f(u).sum())(z) * w).sum())(y)
+        f1 = lambda z: T.vjp(f, z)[1](torch.ones(1, dtype=torch.float64))[0]  # noqa: E731
+        if stack == "jvp_jacrev_vjp":
+            return T.jacrev(f1)(y) @ w
+        return T.vjp(f1, y)[1](w)[0]
+
+    close(second(ft, x), second(tf, x))
+    if stack == "grad_grad_grad":
+        third = ft.grad(lambda y: (second(ft, y) * v).sum())(x)
+        fd_close((third * w).sum(), directional_fd(lambda y: (second(ft, y) * v).sum(), x, w))
+    else:
+        third = ft.jvp(lambda y: second(ft, y), (x,), (v,))[1]
+        fd_close(third, directional_fd(lambda y: second(ft, y), x, v))
+
+
+SINGULAR = {
+    "rank_n-1": torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.5], [1.0, 0.0, 1.0]]),
+    "rank_n-2": torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [3.0, 6.0, 9.0]]),
+    "zero_row": torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [1.0, 0.0, 1.0]]),
+}
+
+
+@pytest.mark.parametrize("name", list(SINGULAR))
+def test_det_second_order_at_singular_matrices(name):
+    # The backward of a grad level that a level below differentiates is ours there; at a
+    # (numerically) singular matrix it takes the SVD path as torch does, also in a batch
+    # that mixes singular and invertible matrices.
+    S = SINGULAR[name].to(torch.float64)
+    S[1, 2] += 0.0 if name != "rank_n-1" else -0.5  # exactly rank deficient
+    det_sum = lambda a: torch.linalg.det(a).sum()  # noqa: E731
+    batch = torch.stack([S, S + torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))])
+    for A in (S, batch):
+        # First order too: torch's formula without grad mode gives 0 at an exactly singular
+        # matrix, torch.func (whose backward always runs with grad mode on) the cofactors.
+        both(lambda T: T.jacrev(torch.linalg.det)(A))
+        both(lambda T: T.vmap(T.grad(torch.linalg.det))(A.reshape(-1, 3, 3)))
+        with torch.no_grad():
+            both(lambda T: T.grad(det_sum)(A))
+        both(lambda T: T.hessian(det_sum)(A))
+        both(lambda T: T.jacrev(T.jacrev(det_sum))(A))
+    # An invertible matrix with a repeated singular value: torch.func's SVD path gives NaN
+    # there; plain autograd (which solves for invertible matrices) is the reference.
+    repeated = torch.stack([S, S + 3 * torch.eye(3, dtype=torch.float64)])
+    close(ft.hessian(det_sum)(repeated), torch.autograd.functional.hessian(det_sum, repeated))
+
+
+def test_det_own_formula_only_under_differentiating_levels():
+    # First-order reverse mode and plain calls keep torch's det and its autograd node.
+    from functransforms.reverse.own_derivatives import _OwnDerivativesMode
+
+    seen = []
+
+    def f(a):
+        seen.append(any(isinstance(m, _OwnDerivativesMode)
+                        for m in torch.overrides._get_current_function_mode_stack()))
+        return torch.linalg.det(a)
+
+    A = torch.randn(3, 3, dtype=torch.float64) + 3 * torch.eye(3, dtype=torch.float64)
+    ft.grad(f)(A)
+    ft.vmap(ft.grad(f))(A.expand(2, 3, 3))
+    ft.jacrev(ft.jacrev(f))(A)
+    ft.jacfwd(ft.jacrev(f))(A)
+    assert seen == [False, False, True, True]
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
 @pytest.mark.parametrize("affine", [False, True])
 def test_third_order_layer_norm_two_reverse_levels(affine):
     # layer norm's double backward builds temporaries from the cotangents alone and then

@@ -6,6 +6,7 @@ import torch
 from ..core.mode import adopting_new_tensors
 from ..reverse.backward import autograd_grad, backward_at
 from ..reverse.interpreter import GradInterpreter
+from ..reverse.own_derivatives import own_derivatives_for
 from .pytree import (
     check_outputs,
     normalize_argnums,
@@ -92,7 +93,7 @@ def _grad_and_value(func, argnums, has_aux, args, kwargs, api):
     argnums_list = normalize_argnums(argnums, len(args), api)
     with GradInterpreter() as level, torch.enable_grad():
         args, diff = _lift_args(level, args, argnums_list, api)
-        with adopting_new_tensors(level):
+        with adopting_new_tensors(level), own_derivatives_for(level):
             result = func(*args, **kwargs)
         output, aux = split_aux(result, has_aux, f"{api}(f)(*args)")
         _check_scalar_output(output, api)
@@ -173,7 +174,7 @@ def _vjp_with_argnums(func, args, kwargs, argnums, has_aux, api="vjp"):
         else:
             call_args, diff = _lift_args(level, args, argnums, api)
             lifted = tuple(diff)
-        with adopting_new_tensors(level):
+        with adopting_new_tensors(level), own_derivatives_for(level):
             result = func(*call_args, **kwargs)
         output, aux = split_aux(result, has_aux, "vjp(f, *primals)")
         flat_out, out_spec = tree_flatten(output)

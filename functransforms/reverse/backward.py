@@ -32,9 +32,10 @@ def autograd_grad(level, outputs, inputs, grad_outputs, retain_graph=False):
     # this level's own record of it is dropped with the wrappers. Otherwise the cheaper
     # once-differentiable path is taken. A formula on a captured tracked tensor alone
     # (``weight.t()`` in mm's) is recorded only with grad mode on, hence captures_tracked.
-    create_graph = level.prev_grad_mode and (level.captures_tracked or any(
-        differentiated_below(t) for t in (*outputs, *inputs, *grad_outputs)
-    ))
+    create_graph = level.formulas_need_grad_mode or level.prev_grad_mode and (
+        level.captures_tracked
+        or any(differentiated_below(t) for t in (*outputs, *inputs, *grad_outputs))
+    )
     level.in_backward = True
     try:
         grads = _ENGINE.run_backward(

@@ -71,6 +71,8 @@ class GradInterpreter(Interpreter):
         # a backward with grad mode on records below (NOTE [Backward of captured tensors]
         # in reverse/backward.py).
         self.captures_tracked = False
+        # Set when the forward pass ran an op of _GRAD_MODE_FORMULAS.
+        self.formulas_need_grad_mode = False
 
     # NOTE [Inference mode around a grad level]: inference mode turns autograd off more
     # thoroughly than no_grad (enable_grad cannot undo it), and a grad level *is* autograd:
@@ -132,7 +134,9 @@ class GradInterpreter(Interpreter):
         plan = _PLANS.get(id(func))
         if plan is None:
             plan = _plan(func)
-        rewrap, mutated, returned, aliasing = plan
+        rewrap, mutated, returned, aliasing, formula_needs_grad_mode = plan
+        if formula_needs_grad_mode:
+            self.formulas_need_grad_mode = True
         if rewrap and not torch._C._dispatch_tls_is_dispatch_key_excluded(
             DispatchKey.AutogradFunctionality
         ):
@@ -237,8 +241,13 @@ def _restore_hooks(message):
 
 
 _STRIDED = torch.strided
-# id(func) -> (is detach/alias, mutated positions, returned positions, aliasing): the
-# facts process reads on every op, looked up once.
+# Ops whose torch backward formula gives a different (and only then torch.func's) answer
+# with grad mode on: det's formula without grad mode solves with an eps-perturbed LU, which
+# is 0 at an exactly singular matrix instead of its cofactors. A level that ran one runs its
+# backward with grad mode on (NOTE [Backward that a level below differentiates]).
+_GRAD_MODE_FORMULAS = frozenset({id(aten._linalg_det.default)})
+# id(func) -> (is detach/alias, mutated positions, returned positions, aliasing, in
+# _GRAD_MODE_FORMULAS): the facts process reads on every op, looked up once.
 _PLANS = {}
 
 
@@ -246,7 +255,7 @@ def _plan(func):
     mutated = mutated_arg_positions(func)
     plan = _PLANS[id(func)] = (
         id(func) in _REWRAP_OPS, mutated, returned_arg_positions(func) if mutated else (),
-        aliasing_op(func),
+        aliasing_op(func), id(func) in _GRAD_MODE_FORMULAS,
     )
     return plan
 

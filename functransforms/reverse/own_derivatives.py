@@ -1,0 +1,129 @@
+"""Ops a grad level differentiates with our formula instead of torch's.
+
+NOTE [Ops whose torch backward breaks at higher order]
+torch autograd records an op on a GradTensor before the op reaches ``__torch_dispatch__``
+(NOTE [Reverse mode rides on torch autograd]), so a grad level's node normally runs torch's
+own backward formula. For ``linalg.det`` that formula, on tensor subclasses with grad mode on
+(a backward that a level below differentiates), always takes its singular-matrix path:
+det A = det U det Vh prod S from an SVD. Differentiating that again differentiates det U of
+an orthogonal U, whose singular values are all 1, and the SVD's derivative divides by their
+differences: jvp over two reverse levels of det comes out NaN or off by a percent (torch.func
+too). Plain tensors never see this because torch picks the path per matrix there.
+
+So while a grad level runs ``f`` above a level that differentiates (only then does its
+backward get differentiated), a torch-function mode hands the calls in ``OWN_DERIVATIVES``
+to a custom Function whose formulas every level below can differentiate at any order; the
+Function then travels down the levels like a user's (autograd_function.py), so each level
+uses the same formulas. A mode is needed because nothing of ours sees the call before torch
+autograd records it.
+"""
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..core.levels import level_stack
+from ..core.mode import one_mode_while_held
+from ..core.wrapper import LevelTensor
+from ..forward.rules.linalg import trace_inv_times
+
+
+def _eye_like(A):
+    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+
+def _cofactor_times(A, det, grad):
+    """grad * conj(cofactor matrix of A), torch's gradient of det: by a solve where A is
+    invertible, through an SVD where |det A| < 100 eps (torch's own threshold).
+
+    Each branch is evaluated at a point where it is smooth (the identity for the solve,
+    distinct singular values 1..n for the SVD) wherever where() drops it, so the dropped
+    branch contributes exact zeros to every derivative instead of 0 * inf."""
+    n = A.shape[-1]
+    eye = _eye_like(A)
+    scaled = (grad * det.conj())[..., None, None]
+    eps = torch.finfo(A.dtype).eps
+    singular = (det.abs() < 100 * eps)[..., None, None]
+    invertible_part = torch.linalg.solve(torch.where(singular, eye, A).mH, scaled * eye)
+    distinct = torch.diag(torch.arange(1, n + 1, dtype=A.dtype, device=A.device))
+    U, S, Vh = torch.linalg.svd(torch.where(singular, A, distinct))
+    # det U det Vh through this Function too: torch's formula would take the SVD of U.
+    alpha = (Determinant.apply(U) * Determinant.apply(Vh)).conj() * grad
+    others = torch.where(eye.bool(), torch.ones_like(S)[..., None, :], S[..., None, :])
+    D = alpha[..., None] * others.prod(-1)
+    singular_part = (U * D[..., None, :]) @ Vh
+    return torch.where(singular, singular_part, invertible_part)
+
+
+class Determinant(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(A):
+        return torch.linalg.det(A)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+        ctx.save_for_forward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        A, det = ctx.saved_tensors
+        if A.numel() == 0:
+            return torch.zeros_like(A)
+        return _cofactor_times(A, det, grad)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        A, det = ctx.saved_tensors
+        # d det = det tr(A^-1 dA), 0 where det == 0: the rule jvp levels use for det.
+        singular = det == 0
+        t = det * trace_inv_times(A, tangent, singular)
+        return torch.where(singular, torch.zeros_like(t), t)
+
+
+def _det(A, *, out=None):
+    # Plain tensors (a Function's forward, run below every level) keep torch's det.
+    if out is not None or not isinstance(A, LevelTensor) or A.dim() < 2:
+        return torch.linalg.det(A, out=out)
+    return Determinant.apply(A)
+
+
+# torch API function -> our replacement (same signature).
+OWN_DERIVATIVES = {
+    torch.linalg.det: _det,
+    torch.det: _det,
+    torch.Tensor.det: _det,
+}
+
+
+class _OwnDerivativesMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        replacement = OWN_DERIVATIVES.get(func)
+        if replacement is not None:
+            return replacement(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+_own_derivatives_active = one_mode_while_held(_OwnDerivativesMode)
+
+
+class _Nothing:
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NOTHING = _Nothing()
+
+
+def own_derivatives_for(level):
+    """The context under which ``level`` runs the user's function: the mode of NOTE [Ops
+    whose torch backward breaks at higher order] when a level below ``level`` differentiates."""
+    for below in level_stack()[:level.depth]:
+        if below.alive and below.kind in ("grad", "jvp"):
+            return _own_derivatives_active()
+    return _NOTHING
