@@ -26,6 +26,7 @@ from torch._C import DispatchKey
 from torch.utils._mode_utils import no_dispatch
 
 from ..core.levels import Interpreter, lowering
+from ..core.ops import decomposition_for_jvp
 from ..core.wrapper import (
     LevelTensor,
     is_plain_layout,
@@ -196,7 +197,7 @@ class GradInterpreter(Interpreter):
             )
         if tracked:
             with lowering(self.lowered_grad_mode()):
-                out = func._op(*values, **kwargs)
+                out = _lowered_form(func)(*values, **kwargs)
         elif below:
             out = call_below(func, values, kwargs)
         else:
@@ -258,6 +259,27 @@ def _plan(func):
         aliasing_op(func), id(func) in _GRAD_MODE_FORMULAS,
     )
     return plan
+
+
+# NOTE [Norm backwards differentiated twice]
+# native_layer_norm and native_batch_norm return mean and inverse std as outputs that torch
+# autograd does not differentiate, and the derivative formulas of their backward ops read
+# those saved statistics. So a grad level below that records a norm's backward with torch's
+# formula (grad of grad) gets the second derivative right, but a third level differentiating
+# that formula misses how the statistics depend on the input (grad(grad(grad(layer_norm)))
+# was off, as in torch.func and plain torch autograd). A grad level lowering such a backward
+# onto values tracked below therefore lowers torch's decomposition of it written for forward
+# mode, which recomputes the statistics from the input: the levels below record ops whose
+# derivatives are complete at every order. The jvp level uses the same decompositions.
+_LOWERED_FORMS = {}
+
+
+def _lowered_form(func):
+    """What this level calls to lower ``func`` onto values tracked below."""
+    form = _LOWERED_FORMS.get(id(func))
+    if form is None:
+        form = _LOWERED_FORMS[id(func)] = decomposition_for_jvp(func) or func._op
+    return form
 
 
 def _sync_metadata(wrapper):
