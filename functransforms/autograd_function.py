@@ -21,6 +21,7 @@ levels' values). So ``forward`` never sees a wrapper, its inner ops are never di
 by any level, and the user's ``backward``/``jvp`` is used at every level, as in torch.func.
 """
 import inspect
+import itertools
 import threading
 from typing import NamedTuple
 
@@ -384,6 +385,9 @@ def _vmap_generated(level, spec, args):
     return _wrap_batched(level, spec, out, batched.out_dims)
 
 
+_SPEC_KEYS = itertools.count()
+
+
 class _BatchedSpec:
     """``spec`` vmapped over ``in_dims``: a spec in its own right, one level down.
 
@@ -402,6 +406,7 @@ class _BatchedSpec:
         self.batch_size = batch_size
         self.randomness = randomness
         self.out_dims = None
+        self._key = next(_SPEC_KEYS)
 
     def _enter(self):
         return VmapInterpreter(self.batch_size, self.randomness)
@@ -414,7 +419,7 @@ class _BatchedSpec:
 
     def setup_context(self, ctx, inputs, output):
         with self._enter() as vl:
-            proxy = _BatchedCtx(ctx, vl)
+            proxy = _BatchedCtx(ctx, vl, self._key)
             self.spec.setup_context(
                 proxy, tuple(_batch_all(vl, inputs, self.in_dims)),
                 _batch_like(vl, output, self.out_dims),
@@ -422,7 +427,7 @@ class _BatchedSpec:
 
     def backward(self, ctx, *grads):
         with self._enter() as vl:
-            proxy = _BatchedCtx(ctx, vl)
+            proxy = _BatchedCtx(ctx, vl, self._key)
             grad_dims = [None if g is None else d
                          for g, d in zip(grads, _flat_dims(self.out_dims, len(grads)))]
             grads_in = self.spec.backward(proxy, *_batch_all(vl, grads, grad_dims))
@@ -435,7 +440,7 @@ class _BatchedSpec:
 
     def jvp(self, ctx, *tangents):
         with self._enter() as vl:
-            proxy = _BatchedCtx(ctx, vl, "_ft_forward_dims")
+            proxy = _BatchedCtx(ctx, vl, self._key, forward=True)
             t_out = self.spec.jvp(proxy, *_batch_all(vl, tangents, self.in_dims))
             single = not isinstance(t_out, tuple)
             dims = (self.out_dims,) if single else _flat_dims(self.out_dims, len(t_out))
@@ -491,12 +496,19 @@ def _match_batching(vl, t, want_dim, batch_size):
 
 
 class _BatchedCtx:
-    """The ctx a per-example setup_context/backward/jvp sees under a batched spec."""
+    """The ctx a per-example setup_context/backward/jvp sees under a batched spec.
 
-    def __init__(self, ctx, vl, saved_dims_attr="_ft_saved_dims"):
+    Under nested vmaps the proxies stack (a proxy's ctx is the outer spec's proxy) and all
+    write through to the one real ctx, so each spec keeps the batch dims of its saved
+    tensors under its own key: one shared attribute let the outer level's dims overwrite
+    the inner one's, batching a saved tensor at a level that never batched it."""
+
+    def __init__(self, ctx, vl, key, forward=False):
         object.__setattr__(self, "_ctx", ctx)
         object.__setattr__(self, "_vl", vl)
-        object.__setattr__(self, "_saved_dims_attr", saved_dims_attr)
+        object.__setattr__(self, "_saved_dims_attr",
+                           f"_ft_{'forward' if forward else 'saved'}_dims_{key}")
+        object.__setattr__(self, "_key", key)
 
     def __getattr__(self, name):
         return getattr(self._ctx, name)
@@ -506,12 +518,12 @@ class _BatchedCtx:
 
     def save_for_backward(self, *tensors):
         values, dims = _unbatch_all(self._vl, tensors)
-        self._ctx._ft_saved_dims = dims
+        setattr(self._ctx, f"_ft_saved_dims_{self._key}", dims)
         self._ctx.save_for_backward(*values)
 
     def save_for_forward(self, *tensors):
         values, dims = _unbatch_all(self._vl, tensors)
-        self._ctx._ft_forward_dims = dims
+        setattr(self._ctx, f"_ft_forward_dims_{self._key}", dims)
         self._ctx.save_for_forward(*values)
 
     @property

@@ -253,6 +253,25 @@ def test_vmap_generated_rule_backward_of_unbatched_input():
     assert_close(ft.grad(f, (0, 1))(X, T[0]), tf.grad(f_ref, (0, 1))(X, T[0]))
 
 
+@pytest.mark.parametrize("order", ["grad", "jvp"])
+def test_nested_vmaps_each_keep_their_saved_dims(order):
+    # Under vmap(vmap(...)) the per-level ctx proxies write through to one real ctx; each
+    # level must read back the batch dims of its own saves (x is batched by the outer vmap
+    # only, y by the inner one). One shared record made the inner level batch x as well.
+    g = torch.Generator().manual_seed(5)
+    xs, ys = torch.randn(2, 3, generator=g), torch.randn(4, 3, generator=g)
+
+    def run(T):
+        def f(a, b):
+            return T.vmap(lambda x: T.vmap(lambda y: ScaledMul.apply(x, y, 1.5))(b))(a)
+
+        if order == "grad":
+            return T.grad(lambda a, b: f(a, b).sum(), argnums=(0, 1))(xs, ys)
+        return T.jvp(f, (xs, ys), (xs.cos(), ys.sin()))
+
+    assert_close(run(ft), run(tf))
+
+
 def test_custom_backward_used_at_every_grad_level():
     x = torch.tensor(0.7, dtype=torch.double)
 
