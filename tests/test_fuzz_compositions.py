@@ -10,7 +10,9 @@ prints the trial's source: a standalone repro.
 
 torch.func is not always right beyond first order (jvp(jvp(layer_norm)) and everything that
 differentiates batch or layer norm through forward mode: native_layer_norm's mean and rstd
-outputs carry no forward tangent in torch). So when ft and torch.func disagree, ft's result is
+outputs carry no forward tangent in torch; three reverse levels of the same norms; two reverse
+levels of det under a third level; logcumsumexp differentiated where its cotangent has zeros,
+which jacrev's one-hot cotangents do). So when ft and torch.func disagree, ft's result is
 checked level by level against central differences of ft's own level below (a loop for vmap),
 down to a level where ft agrees with torch.func or with torch.func in reverse mode only; a trial
 that checks out counts as 'oracle', not as a failure. Finite differences fail on steep enough
