@@ -94,7 +94,7 @@ def peer(module):
         try:
             _peers[module] = importlib.import_module(module)
         except ImportError as err:
-            _peers[module] = Unavailable(f"{module} is not installed ({err}); see benchmarks/README")
+            _peers[module] = Unavailable(f"{module} is not installed ({err}); see the README's Benchmarks section")
     found = _peers[module]
     if isinstance(found, Unavailable):
         raise found
