@@ -459,6 +459,15 @@ def test_logcumsumexp_differentiated_in_a_cotangent_with_zeros():
           tf.jacrev(tf.jacrev(lambda y: torch.logcumsumexp(y, 0)))(x))
 
 
+def test_third_order_conv_through_two_forward_levels():
+    # The second jvp level serves convolution_backward by the general fallback's double vjp;
+    # its output mask leaves some outputs None, which the fallback must skip.
+    w = torch.linspace(-1, 1, 2, dtype=torch.float64).reshape(1, 1, 2)
+    x = torch.linspace(-0.7, 0.9, 5, dtype=torch.float64)
+    f = lambda y: torch.log_softmax(F.conv1d(y.reshape(1, 1, -1), w).reshape(-1), -1)  # noqa: E731
+    both(lambda T: T.jvp(T.jacfwd(T.jacrev(f)), (x,), (x.cos(),))[1])
+
+
 SINGULAR = {
     "rank_n-1": torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.5], [1.0, 0.0, 1.0]]),
     "rank_n-2": torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [3.0, 6.0, 9.0]]),

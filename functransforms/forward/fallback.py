@@ -145,7 +145,8 @@ def _double_vjp(func, primals, tangents, spec):
         return out, [None] * len(flat_out)
 
     def cotangent_map(*cts):
-        full = [torch.zeros_like(o) for o in flat_out]
+        # Ops with an output mask (convolution_backward) return None for what was not asked.
+        full = [torch.zeros_like(o) if isinstance(o, torch.Tensor) else None for o in flat_out]
         for i, c in zip(diff_out, cts):
             full[i] = c
         return pullback(full)

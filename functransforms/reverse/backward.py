@@ -69,8 +69,10 @@ def backward_at(level, outputs, inputs, cotangents, retain_graph=True):
         # Lifting the cotangents routes every backward op through this level's lowering,
         # so levels below record it even when it touches only the cotangents (sum's
         # backward is ``ct.expand``); the engine itself runs with grad mode off.
-        cotangents = [level.lift(ct, requires_grad=False) for ct in cotangents]
-        grads = autograd_grad(level, outputs, inputs, cotangents, retain_graph=retain_graph)
+        pairs = [(o, level.lift(ct, requires_grad=False)) for o, ct in zip(outputs, cotangents)
+                 if ct is not None]
+        grads = autograd_grad(level, [o for o, _ in pairs], inputs, [ct for _, ct in pairs],
+                              retain_graph=retain_graph)
         return [unwrap(g, level) for g in grads]
 
 
