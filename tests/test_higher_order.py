@@ -468,6 +468,29 @@ def test_third_order_conv_through_two_forward_levels():
     both(lambda T: T.jvp(T.jacfwd(T.jacrev(f)), (x,), (x.cos(),))[1])
 
 
+AS_STRIDED_TIMES = {
+    "identity_view": lambda y: y * y.as_strided([6], [1]),
+    "after_sin": lambda y: y * y.sin().as_strided([6], [1]),
+    "group_norm_affine": lambda y: F.group_norm(  # torch's decomposition ends in as_strided
+        y.reshape(1, 6, 1), 2, torch.linspace(0.5, 1.5, 6, dtype=torch.float64)).reshape(6),
+}
+
+
+@pytest.mark.parametrize("name", list(AS_STRIDED_TIMES))
+def test_as_strided_tangent_views_under_vmap_and_nested_jvp(xva, name):
+    # as_strided's backward writes the cotangent through a view of a fresh buffer; under a
+    # jvp level that view's tangent must be a view of the buffer's tangent. A batched
+    # (vmap) or dual (a second jvp) tangent was copied instead, so the write was lost:
+    # hessian was off by 2 here.
+    x, v, _ = xva
+    w = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    f = lambda y: (AS_STRIDED_TIMES[name](y) * w).sum()  # noqa: E731
+    both(lambda T: T.hessian(f)(x))
+    hvp = lambda y: ft.jvp(ft.grad(f), (y,), (v,))[1]  # noqa: E731
+    close(ft.jvp(hvp, (x,), (w,))[1], tf.jvp(lambda y: tf.jvp(tf.grad(f), (y,), (v,))[1], (x,), (w,))[1])
+    fd_close(ft.jvp(hvp, (x,), (w,))[1], directional_fd(hvp, x, w))
+
+
 SINGULAR = {
     "rank_n-1": torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.5], [1.0, 0.0, 1.0]]),
     "rank_n-2": torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [3.0, 6.0, 9.0]]),

@@ -21,6 +21,7 @@ from ..core.wrapper import (
     LevelTensor,
     is_plain_layout,
     new_wrapper,
+    memory_layout,
     aliasing_op,
     mutated_arg_positions,
     returned_arg_positions,
@@ -51,6 +52,15 @@ class BatchedTensor(LevelTensor):
     def __repr__(self, *, tensor_contents=None):
         # torch.func's format (levels counted from 1); the batch dim is always in front here.
         return f"BatchedTensor(lvl={self._level.depth + 1}, bdim=0, value={self._value!r})"
+
+    def example_layout(self):
+        # The memory example 0 reads: as_strided under vmap addresses each example's own
+        # stretch of the value (batching/rules/views.py), one batch stride apart.
+        layout = memory_layout(self._value)
+        if layout is None or not layout[0]:
+            return None
+        strides, offset, _ = layout
+        return strides[1:], offset, strides[0]
 
     # ``.data`` would hand out (or replace) the batched value behind autograd's back; refused
     # while the level runs, as torch.func does.

@@ -63,6 +63,11 @@ class LevelTensor(torch.Tensor):
                 torch._C._set_neg(self, True)
         return self
 
+    def example_layout(self):
+        """How this wrapper addresses memory with as_strided: ``memory_layout`` of what it
+        stands for. Wrappers of the same shape as their value read it as the value does."""
+        return memory_layout(self._value)
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         level = innermost_level(args, kwargs)
@@ -124,6 +129,18 @@ _REQUIRES_GRAD_INSIDE_MESSAGE = (
     "transform, use the transforms themselves (ft.grad, ft.vjp, ft.jacrev, ft.jacfwd, "
     "ft.hessian) instead, or call requires_grad_() outside the transformed function."
 )
+
+
+def memory_layout(t):
+    """(strides, storage offset, storage elements it may address) of the memory ``t`` reads
+    through as_strided, or None when that is not plain strided memory."""
+    if type(t) is torch.Tensor:
+        if t.layout is not torch.strided:
+            return None
+        return t.stride(), t.storage_offset(), t.untyped_storage().nbytes() // t.element_size()
+    if isinstance(t, LevelTensor):
+        return t.example_layout()
+    return None
 
 
 def innermost_level(args, kwargs):

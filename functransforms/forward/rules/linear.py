@@ -8,6 +8,7 @@ Views are linear too; the ones whose meaning depends on strides get their own ru
 """
 import torch
 
+from ...core.wrapper import memory_layout
 from ..registry import fit_tangent, jvp_rule, register_rule
 
 aten = torch.ops.aten
@@ -151,12 +152,13 @@ def view_dtype(func, primals, tangents, kwargs):
 
 
 def _same_memory_layout(t, x, dtype):
-    """Whether ``t`` addresses its storage as ``x`` does, over storage at least as large."""
-    return (
-        type(t) is torch.Tensor and type(x) is torch.Tensor and t.dtype == dtype
-        and t.stride() == x.stride() and t.storage_offset() == x.storage_offset()
-        and t.untyped_storage().nbytes() >= x.untyped_storage().nbytes()
-    )
+    """Whether ``t`` addresses its storage as ``x`` does, over storage at least as large
+    (a batched ``t``: each example, with room for all of ``x``'s storage)."""
+    if t.dtype != dtype:
+        return False
+    t_layout, x_layout = memory_layout(t), memory_layout(x)
+    return (t_layout is not None and x_layout is not None and t_layout[:2] == x_layout[:2]
+            and t_layout[2] >= x_layout[2])
 
 
 @jvp_rule(aten.as_strided.default, aten.as_strided_copy.default)
