@@ -21,6 +21,8 @@ uses the same formulas. A mode is needed because nothing of ours sees the call b
 autograd records it. (A Function's ``apply`` reaches the levels through autograd_function.py's
 patch, installed when the package is imported.)
 """
+import contextlib
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -224,23 +226,10 @@ class _OwnDerivativesMode(TorchFunctionMode):
 _own_derivatives_active = one_mode_while_held(_OwnDerivativesMode)
 
 
-class _Nothing:
-    __slots__ = ()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NOTHING = _Nothing()
-
-
 def own_derivatives_for(level):
     """The context under which ``level`` runs the user's function: the mode of NOTE [Ops
     whose torch backward breaks at higher order] when a level below ``level`` differentiates."""
     for below in level_stack()[:level.depth]:
         if below.alive and below.kind in ("grad", "jvp"):
             return _own_derivatives_active()
-    return _NOTHING
+    return contextlib.nullcontext()
