@@ -10,6 +10,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.func as tf
 
 import functransforms as ft
+from custom_functions import MyExp
 
 torch.manual_seed(0)
 X = torch.randn(4, dtype=torch.float64)
@@ -77,26 +78,6 @@ def _shifted_square(x):
 def test_forward_ad_disabled_inside_f_makes_constants(case):
     x, t = torch.randn(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
 
-    class Cube(torch.autograd.Function):
-        # A grad level runs its forward (torch turns forward AD off there) on the jvp
-        # level's duals: their tangents must survive.
-        @staticmethod
-        def forward(x):
-            return x ** 3
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-            ctx.save_for_forward(inputs[0])
-
-        @staticmethod
-        def backward(ctx, g):
-            return 3 * ctx.saved_tensors[0] ** 2 * g
-
-        @staticmethod
-        def jvp(ctx, t):
-            return 3 * ctx.saved_tensors[0] ** 2 * t
-
     def run(m):
         if case == "jvp":
             return m.jvp(_shifted_square, (x,), (t,))
@@ -111,6 +92,8 @@ def test_forward_ad_disabled_inside_f_makes_constants(case):
         if case == "under_enabled_switch":
             with fwAD._set_fwd_grad_enabled(True):
                 return m.jvp(_shifted_square, (x,), (t,))
-        return m.jvp(m.grad(lambda x: Cube.apply(x).sum()), (x,), (t,))
+        # A grad level runs the Function's forward (torch turns forward AD off there) on
+        # the jvp level's duals: their tangents must survive.
+        return m.jvp(m.grad(lambda x: MyExp.apply(x).sum()), (x,), (t,))
 
     torch.testing.assert_close(run(ft), run(tf))

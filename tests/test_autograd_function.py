@@ -7,6 +7,7 @@ import torch.func as tf
 
 import functransforms as ft
 from functransforms.autograd_function import VmapInfo
+from custom_functions import MyExp
 
 
 def to_numpy(t):
@@ -70,31 +71,6 @@ class NumpySort(torch.autograd.Function):
         x = x.movedim(in_dims[0], 0)
         dim = dim % (x.dim() - 1)
         return NumpySort.apply(x, dim + 1), (0, 0, 0)
-
-
-class MyExp(torch.autograd.Function):
-    """Saves its output; batched by the generated vmap rule."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x.exp()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * y
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        (y,) = ctx.saved_tensors
-        return tangent * y
 
 
 class ScaledMul(torch.autograd.Function):

@@ -23,7 +23,7 @@ from ..autograd_function import custom_function_call, custom_function_rule
 from ..batching.fallback import op_name
 from ..core.levels import Interpreter, lowering
 from ..core.mode import adopting_new_tensors
-from ..core.wrapper import LevelTensor, mutated_arg_positions
+from ..core.wrapper import LevelTensor, mutated_arg_positions, out_arg_names
 from .pytree import tree_flatten, tree_map, tree_unflatten
 
 aten = torch.ops.aten
@@ -296,8 +296,7 @@ def _out_variant(func):
     """``(out argument names, functional overload)`` for an ``out=`` overload, else None."""
     entry = _out_cache.get(func)
     if entry is None:
-        outs = tuple(a.name for a in func._schema.arguments
-                     if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write)
+        outs = out_arg_names(func)
         functional = None
         if outs:
             names = [a.name for a in func._schema.arguments if a.name not in outs]

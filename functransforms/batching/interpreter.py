@@ -24,6 +24,7 @@ from ..core.wrapper import (
     memory_layout,
     aliasing_op,
     mutated_arg_positions,
+    out_arg_names,
     returned_arg_positions,
     needs_lowering,
     rebind_instead_of_writing,
@@ -279,7 +280,7 @@ class VmapInterpreter(Interpreter):
         for i in mutated:
             if not (isinstance(args[i], LevelTensor) and args[i]._level is self):
                 raise RuntimeError(inplace_into_unbatched_message(func))
-        outs = _written_kwargs(func)
+        outs = out_arg_names(func)
         if outs:
             # out= ops: every example writes into its own slice of a batched out tensor; an
             # unbatched one would be overwritten by each example in turn.
@@ -336,9 +337,12 @@ def _rule_handler(rule, func):
     # refusals come first, as in torch.func.
     written = () if torch.Tag.nondeterministic_seeded in func.tags else [
         i for i in returned if i is not None]
+    # In-place and out= ops hand back the very wrapper they were given; returned_arg_positions
+    # has an entry (None) for every return of other ops too.
+    hands_back = any(i is not None for i in returned)
 
     def handle(interp, func, args, kwargs):
-        if returned:
+        if hands_back:
             rebound = rebind_instead_of_writing(interp, func, args, kwargs)
             if rebound is not None:
                 return rebound
@@ -361,8 +365,7 @@ def _rule_handler(rule, func):
         except _NeedsFallback:
             # A rule may decline a case it cannot batch (e.g. a data-dependent shape).
             return interp.run_per_example(func, args, kwargs)
-        if returned:
-            # In-place and out= ops hand back the very wrapper they were given.
+        if hands_back:
             if len(returned) == 1:
                 if returned[0] is not None:
                     return args[returned[0]]
@@ -410,19 +413,6 @@ def _decomposition_handler(decomp):
         return decomp(*args, **kwargs)
 
     return handle
-
-
-_written_kwargs_cache = {}
-
-
-def _written_kwargs(func):
-    names = _written_kwargs_cache.get(id(func))
-    if names is None:
-        names = _written_kwargs_cache[id(func)] = tuple(
-            a.name for a in func._schema.arguments
-            if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
-        )
-    return names
 
 
 def _tensors(value):

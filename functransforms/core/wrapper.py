@@ -288,6 +288,20 @@ def mutated_arg_positions(func):
     return positions
 
 
+_out_names_cache = {}
+
+
+def out_arg_names(func):
+    """Names of the keyword-only args an out= op writes to."""
+    names = _out_names_cache.get(id(func))
+    if names is None:
+        names = _out_names_cache[id(func)] = tuple(
+            a.name for a in func._schema.arguments
+            if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+        )
+    return names
+
+
 _returned_cache = {}
 
 

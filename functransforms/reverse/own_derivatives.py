@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.levels import level_stack
 from ..core.mode import one_mode_while_held
 from ..core.wrapper import LevelTensor
-from ..forward.rules.linalg import trace_inv_times
+from ..forward.rules.linalg import det_tangent
 
 
 def _eye_like(A):
@@ -81,10 +81,7 @@ class Determinant(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tangent):
         A, det = ctx.saved_tensors
-        # d det = det tr(A^-1 dA), 0 where det == 0: the rule jvp levels use for det.
-        singular = det == 0
-        t = det * trace_inv_times(A, tangent, singular)
-        return torch.where(singular, torch.zeros_like(t), t)
+        return det_tangent(A, det, tangent)
 
 
 def _log_of_part(t, positive, floor):

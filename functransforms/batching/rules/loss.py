@@ -237,7 +237,7 @@ def multi_margin_loss_rule(interp, func, args, bdims, kwargs):
     if len(bdims) > 4 and bdims[4] is not None:
         raise _NeedsFallback()
     B = interp.batch_size
-    rows, n = _as_rows(x, bdims[0], B)
+    rows, _ = _as_rows(x, bdims[0], B)
     target = ensure_batched(target, bdims[1], B)
     out = func(rows, target.reshape(-1), p, margin, weight, _NONE)
     if reduction == _NONE:
@@ -269,7 +269,7 @@ def _multi_margin_args(func, args, kwargs):
 def multilabel_margin_loss_forward_rule(interp, func, args, bdims, kwargs):
     x, target, reduction = args
     B = interp.batch_size
-    rows, n = _as_rows(x, bdims[0], B)
+    rows, _ = _as_rows(x, bdims[0], B)
     target_rows, _ = _as_rows(target, bdims[1], B)
     out, is_target = func(rows, target_rows, _NONE)
     shape = ensure_batched(x, bdims[0], B).shape

@@ -44,7 +44,7 @@ def linalg_solve_ex(func, primals, tangents, kwargs):
     return out, (fit_tangent(dX, X), None, None, None)
 
 
-def trace_inv_times(A, E, singular):
+def _trace_inv_times(A, E, singular):
     """trace(A^-1 E), with A replaced by the identity where ``singular`` (NaN-free there,
     so levels below that differentiate it see no NaN from the branch where() drops)."""
     if singular is not None:
@@ -54,17 +54,19 @@ def trace_inv_times(A, E, singular):
     return Y.diagonal(0, -2, -1).sum(-1)
 
 
+def det_tangent(A, det, tangent):
+    """d det = det * trace(A^-1 dA). torch's formula gives 0 at a singular A (det == 0
+    times a finite value from an eps-regularised LU), so does this."""
+    singular = det == 0
+    t = det * _trace_inv_times(A, tangent, singular)
+    return torch.where(singular, torch.zeros_like(t), t)
+
+
 @jvp_rule(aten._linalg_det.default)
 def linalg_det(func, primals, tangents, kwargs):
-    A = primals[0]
     out = func(*primals, **kwargs)
     det = out[0]
-    # d det = det * trace(A^-1 dA). torch's formula gives 0 at a singular A (det == 0
-    # times a finite value from an eps-regularised LU), so does this.
-    singular = det == 0
-    t = det * trace_inv_times(A, tangents[0], singular)
-    t = torch.where(singular, torch.zeros_like(t), t)
-    return out, (fit_tangent(t, det), None, None)
+    return out, (fit_tangent(det_tangent(primals[0], det, tangents[0]), det), None, None)
 
 
 @jvp_rule(aten._linalg_slogdet.default)
@@ -73,7 +75,7 @@ def linalg_slogdet(func, primals, tangents, kwargs):
     out = func(*primals, **kwargs)
     sign, logabsdet = out[:2]
     # d log|det| = Re trace(A^-1 dA); for complex A, d sign = i Im trace(A^-1 dA) sign.
-    tr = trace_inv_times(A, tangents[0], None)
+    tr = _trace_inv_times(A, tangents[0], None)
     if A.is_complex():
         t_sign = sign * (1j * tr.imag)
         t_logabsdet = tr.real
